@@ -1,0 +1,1 @@
+"""dreamstream's server: many sessions of one pipeline on one device, over WebSocket."""
