@@ -26,6 +26,7 @@ from pipeline.errors import (
 )
 from pipeline.io import PipelineIO, StreamSpec, TensorIO
 from pipeline.kv_cache import SlidingWindowKVCache
+from pipeline.overrides import parse_overrides
 from pipeline.profiler import EventProfiler
 from pipeline.registry import available_pipelines, load_pipeline, register_pipeline
 from pipeline.scheduler import (
@@ -82,6 +83,7 @@ __all__ = [
     "config_to_dict",
     "derive_config",
     "load_pipeline",
+    "parse_overrides",
     "register_pipeline",
     "resolve_device",
     "resolve_dtype",

@@ -35,13 +35,14 @@ class StreamingDecoder(nn.Module, ABC, Generic[StreamingDecoderCacheT]):
         """A fresh cache for one rollout; ``None`` when the decoder keeps no state."""
 
     @abstractmethod
-    def forward(
-        self, input: Tensor, autoregressive_index: int, cache: StreamingDecoderCacheT
-    ) -> Tensor:
+    def forward(self, input: Tensor, autoregressive_index: int, cache: StreamingDecoderCacheT) -> Tensor:
         """Decode the clean latent of AR step ``autoregressive_index``."""
 
     def forward_batch(
-        self, inputs: Tensor, autoregressive_indices: list[int], caches: list[StreamingDecoderCacheT]
+        self,
+        inputs: Tensor,
+        autoregressive_indices: list[int],
+        caches: list[StreamingDecoderCacheT],
     ) -> list[Tensor]:
         """Decode several sessions' latents (stacked on dim 0). Default: one at a time."""
         return [

@@ -17,7 +17,11 @@ from torch import Tensor, nn
 from pipeline.config import InstantiateConfig
 from pipeline.errors import BatchError
 from pipeline.scheduler import FlowMatchEulerSchedulerConfig, Scheduler, SchedulerConfig
-from pipeline.transformer import Transformer, TransformerCacheT, TransformerConfig
+from pipeline.transformer import (
+    Transformer,
+    TransformerCacheT,
+    TransformerConfig,
+)
 
 
 @dataclass(kw_only=True)
@@ -44,19 +48,23 @@ class _BatchState(Generic[TransformerCacheT]):
     input: Any
 
 
+@dataclass
+class DiffusionFinalState(Generic[TransformerCacheT]):
+    """What ``finalize`` needs from ``generate``: the clean tokens, cache and input of one step."""
+
+    autoregressive_index: int
+    clean_latent: Tensor
+    """Patchified clean latent of this step, batch dim 1."""
+    cache: TransformerCacheT
+    input: Any
+    batch: _BatchState[TransformerCacheT] | None = None
+
+
 class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
     """Runs the scheduler's loop over the transformer and postpones the cache update."""
 
-    @dataclass
-    class FinalState(Generic[TransformerCacheT]):
-        """What ``finalize`` needs from ``generate``: the clean tokens, cache and input of one step."""
-
-        autoregressive_index: int
-        clean_latent: Tensor
-        """Patchified clean latent of this step, batch dim 1."""
-        cache: TransformerCacheT
-        input: Any
-        batch: _BatchState[TransformerCacheT] | None = None
+    FinalState = DiffusionFinalState
+    """Alias: ``DiffusionModel.FinalState`` as in the reference design."""
 
     def __init__(self, config: DiffusionModelConfig) -> None:
         super().__init__()
@@ -83,19 +91,17 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
 
     def generate(
         self, autoregressive_index: int, cache: TransformerCacheT, input: Any = None
-    ) -> tuple[Tensor, FinalState[TransformerCacheT]]:
+    ) -> tuple[Tensor, DiffusionFinalState[TransformerCacheT]]:
         """Denoise the latent of step ``autoregressive_index``; returns it unpatchified + state."""
         input = self.transformer.patchify_input(input)
         cache.start(autoregressive_index)
         noise = self.transformer.initial_noise(cache, input, self._generator(cache))
-        clean = self.scheduler.sample(
-            noise, lambda x, t: self.transformer.predict_flow(x, t, cache, input)
-        )
+        clean = self.scheduler.sample(noise, lambda x, t: self.transformer.predict_flow(x, t, cache, input))
         clean = self.transformer.postprocess_clean_latent(clean, cache, input)
-        state = DiffusionModel.FinalState(autoregressive_index, clean, cache, input)
+        state = DiffusionFinalState(autoregressive_index, clean, cache, input)
         return self.transformer.unpatchify(clean), state
 
-    def finalize(self, final_state: FinalState[TransformerCacheT]) -> None:
+    def finalize(self, final_state: DiffusionFinalState[TransformerCacheT]) -> None:
         """Write the step's clean latent (re-noised to ``context_noise``) into its cache."""
         cache = final_state.cache
         latent = self._context_latent(final_state.clean_latent, cache)
@@ -109,7 +115,7 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
         autoregressive_indices: list[int],
         caches: list[TransformerCacheT],
         inputs: list[Any],
-    ) -> tuple[list[Tensor], list[FinalState[TransformerCacheT]]]:
+    ) -> tuple[list[Tensor], list[DiffusionFinalState[TransformerCacheT]]]:
         """``generate`` for several rollouts in one forward per denoising step.
 
         Each rollout keeps its own AR index and RNG, so its result equals ``generate`` alone
@@ -137,30 +143,28 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
         clean = self.transformer.postprocess_clean_latent(clean, stacked, batched_input)
         shared = _BatchState(list(caches), stacked, batched_input)
         states = [
-            DiffusionModel.FinalState(idx, clean[i : i + 1], cache, inp, shared)
-            for i, (idx, cache, inp) in enumerate(
-                zip(autoregressive_indices, caches, inputs, strict=True)
-            )
+            DiffusionFinalState(idx, clean[i : i + 1], cache, inp, shared)
+            for i, (idx, cache, inp) in enumerate(zip(autoregressive_indices, caches, inputs, strict=True))
         ]
         return [self.transformer.unpatchify(s.clean_latent) for s in states], states
 
-    def finalize_batch(self, final_states: list[FinalState[TransformerCacheT]]) -> None:
+    def finalize_batch(self, final_states: list[DiffusionFinalState[TransformerCacheT]]) -> None:
         """``finalize`` for several rollouts in one forward."""
         if not final_states:
             return
         caches = [s.cache for s in final_states]
         shared = final_states[0].batch
-        reuse = shared is not None and len(shared.caches) == len(caches) and all(
-            a is b for a, b in zip(shared.caches, caches, strict=True)
+        reuse = (
+            shared is not None
+            and len(shared.caches) == len(caches)
+            and all(a is b for a, b in zip(shared.caches, caches, strict=True))
         )
         if reuse and shared is not None:
             stacked, batched_input = shared.stacked, shared.input
         else:
             stacked = self.transformer.stack_caches(caches)
             batched_input = self.transformer.stack_inputs([s.input for s in final_states])
-        latent = torch.cat(
-            [self._context_latent(s.clean_latent, s.cache) for s in final_states], dim=0
-        )
+        latent = torch.cat([self._context_latent(s.clean_latent, s.cache) for s in final_states], dim=0)
         t = self._context_timestep(latent.shape[0], latent.device)
         self.transformer.finalize_kv_cache(latent, t, stacked, batched_input)
         self.transformer.unstack_caches(stacked, caches)

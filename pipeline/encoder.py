@@ -48,9 +48,7 @@ class StreamingEncoder(nn.Module, ABC, Generic[StreamingEncoderCacheT]):
         """A fresh cache for one rollout (``context`` comes from ``initialize_cache``)."""
 
     @abstractmethod
-    def forward(
-        self, input: Any, autoregressive_index: int, cache: StreamingEncoderCacheT
-    ) -> Any:
+    def forward(self, input: Any, autoregressive_index: int, cache: StreamingEncoderCacheT) -> Any:
         """Encode the control input of AR step ``autoregressive_index``."""
 
 

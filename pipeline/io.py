@@ -128,7 +128,7 @@ class TensorIO(PipelineIO):
     def action_to_input(self, action: BaseModel | None, autoregressive_index: int) -> Any:
         if action is None:
             return None
-        return torch.tensor(getattr(action, "input"), dtype=torch.float32)
+        return torch.tensor(action.model_dump()["input"], dtype=torch.float32)
 
     def output_to_frames(self, output: Tensor) -> Tensor:
         frames = float_video_to_uint8(output)

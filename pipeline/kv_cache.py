@@ -53,6 +53,7 @@ class SlidingWindowKVCache:
         self.frames_seen = 0
         """Frames ever appended; the absolute index of the next frame."""
         self._positions: list[int] = []
+        self._stack_base = 0
 
     @property
     def capacity_frames(self) -> int:
@@ -139,7 +140,7 @@ class SlidingWindowKVCache:
 
     def copy_into(self, caches: list[SlidingWindowKVCache]) -> None:
         """Write this batched cache's rows back into the per-session ``caches`` it was stacked from."""
-        appended = self.frames_seen - getattr(self, "_stack_base", self.frames_seen)
+        appended = self.frames_seen - self._stack_base
         row = 0
         for c in caches:
             c.storage.copy_(self.storage[:, :, row : row + c.batch_size])

@@ -73,11 +73,9 @@ def _is_config(obj: Any) -> bool:
 def load_config(name_or_path: str, **overrides: Any) -> Any:
     """The config of a named / imported pipeline with ``overrides`` applied (not built)."""
     source = resolve_pipeline_source(name_or_path)
-    config = source if _is_config(source) else source() if callable(source) else None
-    if not _is_config(config):
-        raise ConfigError(
-            f"{name_or_path!r} did not give a config with setup(); got {type(config).__name__}"
-        )
+    config: Any = source if _is_config(source) else source() if callable(source) else None
+    if config is None or not _is_config(config):
+        raise ConfigError(f"{name_or_path!r} did not give a config with setup(); got {type(config).__name__}")
     return derive_config(config, **overrides) if overrides else config
 
 

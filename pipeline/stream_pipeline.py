@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipeline.config import InstantiateConfig
 from pipeline.decoder import DecoderConfig, StreamingDecoder, StreamingDecoderCacheT
 from pipeline.device import resolve_device, resolve_dtype
-from pipeline.diffusion_model import DiffusionModel, DiffusionModelConfig
+from pipeline.diffusion_model import DiffusionModel, DiffusionFinalState, DiffusionModelConfig
 from pipeline.encoder import EncoderConfig, StreamingEncoder, StreamingEncoderCacheT
 from pipeline.errors import AutoregressiveOrderError, FinalizeError, InputError
 from pipeline.io import PipelineIO, TensorIO
@@ -70,7 +70,7 @@ class StreamInferencePipelineCache(
     """Encoder state; ``None`` iff the pipeline has no encoder."""
     decoder_cache: StreamingDecoderCacheT | None = None
     """Decoder state; ``None`` iff the pipeline has no decoder (or it keeps none)."""
-    final_state: DiffusionModel.FinalState[TransformerCacheT] | None = None
+    final_state: DiffusionFinalState[TransformerCacheT] | None = None
     """State of the latest ``generate``, consumed by ``finalize``."""
     autoregressive_index: int | None = None
     """AR index of the latest ``generate``."""
@@ -121,9 +121,7 @@ class StreamInferencePipeline(
         transformer_context: dict[str, Any] | None = None,
         encoder_context: dict[str, Any] | None = None,
         decoder_context: dict[str, Any] | None = None,
-    ) -> StreamInferencePipelineCache[
-        StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
-    ]:
+    ) -> StreamInferencePipelineCache[StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT]:
         """A fresh per-rollout cache; each context is passed to its component's initializer."""
         return StreamInferencePipelineCache(
             transformer_cache=self.diffusion_model.transformer.initialize_autoregressive_cache(
@@ -162,9 +160,7 @@ class StreamInferencePipeline(
                 "an input was given but the pipeline has no encoder; configure "
                 "StreamInferencePipelineConfig.encoder (NullEncoderConfig() passes tensors through)"
             )
-        return self.encoder(
-            input=input, autoregressive_index=autoregressive_index, cache=cache.encoder_cache
-        )
+        return self.encoder(input=input, autoregressive_index=autoregressive_index, cache=cache.encoder_cache)
 
     def _start_profile(self, cache: StreamInferencePipelineCache) -> EventProfiler | None:
         if not self.config.enable_sync_and_profile:
@@ -294,12 +290,10 @@ class StreamInferencePipeline(
             self._check_generate(idx, cache)
         if not self.supports_batching or len(caches) == 1:
             return [
-                self.generate(i, c, x)
-                for i, c, x in zip(autoregressive_indices, caches, inputs, strict=True)
+                self.generate(i, c, x) for i, c, x in zip(autoregressive_indices, caches, inputs, strict=True)
             ]
         encoded = [
-            self._encode(i, c, x)
-            for i, c, x in zip(autoregressive_indices, caches, inputs, strict=True)
+            self._encode(i, c, x) for i, c, x in zip(autoregressive_indices, caches, inputs, strict=True)
         ]
         for idx, cache in zip(autoregressive_indices, caches, strict=True):
             cache.autoregressive_index = idx
@@ -313,7 +307,7 @@ class StreamInferencePipeline(
         return self.decoder.forward_batch(
             torch.cat(cleans, dim=0),
             autoregressive_indices,
-            [c.decoder_cache for c in caches],
+            [c.decoder_cache for c in caches],  # type: ignore[misc]
         )
 
     @torch.no_grad()

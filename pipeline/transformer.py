@@ -42,8 +42,7 @@ class TransformerAutoregressiveCache:
     def finalize(self, autoregressive_index: int) -> None:
         if self.started_index != autoregressive_index:
             raise AutoregressiveOrderError(
-                f"cache finalize({autoregressive_index}) but the latest started step is "
-                f"{self.started_index}",
+                f"cache finalize({autoregressive_index}) but the latest started step is {self.started_index}",
                 expected=self.started_index,
                 got=autoregressive_index,
             )
@@ -94,9 +93,7 @@ class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
     ) -> None:
         """Run the forward whose only purpose is to write ``latent`` (at ``timestep``) into ``cache``."""
 
-    def postprocess_clean_latent(
-        self, clean_latent: Tensor, cache: TransformerCacheT, input: Any
-    ) -> Tensor:
+    def postprocess_clean_latent(self, clean_latent: Tensor, cache: TransformerCacheT, input: Any) -> Tensor:
         """Hook to fix up the denoised latent (e.g. pin a known first frame). Default: identity."""
         return clean_latent
 
@@ -126,5 +123,3 @@ class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
         if all(isinstance(i, Tensor) for i in inputs):
             return torch.cat(inputs, dim=0)
         raise BatchError("inputs must be all None or all tensors to be stacked; override stack_inputs")
-
-

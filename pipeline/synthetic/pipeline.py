@@ -42,9 +42,7 @@ SEED_MODULUS = 2**31 - 1
 
 
 # ---- the ground truth ------------------------------------------------------------------------
-def _target_values(
-    seed: Tensor, step: Tensor, x: Tensor, y: Tensor, frames: int, gh: int, gw: int
-) -> Tensor:
+def _target_values(seed: Tensor, step: Tensor, x: Tensor, y: Tensor, frames: int, gh: int, gw: int) -> Tensor:
     """Integer target in [0, 255], ``[B, frames, 3, gh, gw]`` (inputs: int64 ``[B]``, any device).
 
     The one definition of the synthetic ground truth: the transformer computes it on the device,
@@ -69,18 +67,35 @@ def _target_values(
 
 
 def expected_frames(
-    seed: int, step: int, action: dict[str, int] | None, *, width: int = 64, height: int = 64,
+    seed: int,
+    step: int,
+    action: dict[str, int] | None,
+    *,
+    width: int = 64,
+    height: int = 64,
     frames_per_step: int = 1,
 ) -> np.ndarray:
     """The uint8 RGB frames ``[T, H, W, 3]`` that step ``step`` of a session must produce."""
     act = action or {}
     one = lambda v: torch.tensor([v], dtype=torch.int64)  # noqa: E731
     vals = _target_values(
-        one(seed % SEED_MODULUS), one(step), one(act.get("x", 0)), one(act.get("y", 0)),
-        frames_per_step, height // LATENT_STRIDE, width // LATENT_STRIDE,
+        one(seed % SEED_MODULUS),
+        one(step),
+        one(act.get("x", 0)),
+        one(act.get("y", 0)),
+        frames_per_step,
+        height // LATENT_STRIDE,
+        width // LATENT_STRIDE,
     )[0]
     img = vals.repeat_interleave(LATENT_STRIDE, dim=2).repeat_interleave(LATENT_STRIDE, dim=3)
     return img.permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    """Device of a parameter-free module, read from its registered buffers."""
+    for buffer in module.buffers():
+        return buffer.device
+    return torch.device("cpu")
 
 
 # ---- I/O ------------------------------------------------------------------------------------
@@ -118,7 +133,7 @@ class SyntheticIO(PipelineIO):
         )
 
     def action_to_input(self, action: BaseModel | None, autoregressive_index: int) -> Tensor:
-        a = action if isinstance(action, SyntheticAction) else SyntheticAction()
+        a = action if isinstance(action, SyntheticAction) else SyntheticAction(x=0, y=0)
         return torch.tensor([[a.x, a.y]], dtype=torch.int64)
 
     def output_to_frames(self, output: Tensor) -> Tensor:
@@ -144,7 +159,7 @@ class SyntheticEncoder(StreamingEncoder[None]):
     def forward(self, input: Any, autoregressive_index: int, cache: None) -> Tensor:
         if not isinstance(input, Tensor) or input.shape != (1, 2):
             raise InputError(f"synthetic input must be an int tensor [1, 2] (x, y), got {input!r}")
-        return input.to(self._anchor.device)
+        return input.to(_module_device(self))
 
 
 @dataclass(kw_only=True)
@@ -191,13 +206,17 @@ class SyntheticTransformer(Transformer[SyntheticCache]):
         """Calls of predict_flow per generate; set by the pipeline from its scheduler."""
 
     @property
+    def device(self) -> torch.device:
+        return _module_device(self)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         c = self.config
         return (c.frames_per_step, 3, c.height // LATENT_STRIDE, c.width // LATENT_STRIDE)
 
     def burner(self) -> ComputeBurner:
-        if self._burner is None or self._burner.device != self._anchor.device:
-            self._burner = ComputeBurner(self._anchor.device)
+        if self._burner is None or self._burner.device != self.device:
+            self._burner = ComputeBurner(self.device)
         return self._burner
 
     def _burn(self, ms: float, batch: int) -> None:
@@ -206,7 +225,7 @@ class SyntheticTransformer(Transformer[SyntheticCache]):
 
     def initialize_autoregressive_cache(self, **context: Any) -> SyntheticCache:
         seed = int(context.get("seed", 0))
-        dev = self._anchor.device
+        dev = self.device
         return SyntheticCache(
             seed=torch.tensor([seed % SEED_MODULUS], dtype=torch.int64, device=dev),
             absorbed=torch.zeros(1, dtype=torch.int64, device=dev),
@@ -216,9 +235,7 @@ class SyntheticTransformer(Transformer[SyntheticCache]):
 
     def initial_noise(self, cache: SyntheticCache, input: Any, generator: Any) -> Tensor:
         self._check_failure(cache)
-        return torch.randn(
-            (1, *self.latent_shape), generator=generator, device=self._anchor.device
-        )
+        return torch.randn((1, *self.latent_shape), generator=generator, device=self.device)
 
     def target(self, cache: SyntheticCache, input: Tensor) -> Tensor:
         """Clean latent in [0, 1] for each row: ``[B, T, 3, gh, gw]`` (float32)."""
@@ -239,9 +256,7 @@ class SyntheticTransformer(Transformer[SyntheticCache]):
             if fail is not None and absorbed == fail:
                 raise RuntimeError(f"synthetic pipeline: injected failure at step {fail}")
 
-    def finalize_kv_cache(
-        self, latent: Tensor, timestep: Tensor, cache: SyntheticCache, input: Any
-    ) -> None:
+    def finalize_kv_cache(self, latent: Tensor, timestep: Tensor, cache: SyntheticCache, input: Any) -> None:
         self._burn(self.config.finalize_ms, latent.shape[0])
         cache.absorbed += 1
 
