@@ -52,7 +52,7 @@ def contact_sheet(frames: list[np.ndarray], columns: int = 10, scale: int = 2) -
     return sheet.repeat(scale, 0).repeat(scale, 1)
 
 
-def _random_action(model: type[BaseModel], rng: random.Random) -> dict[str, Any] | None:
+def random_action(model: type[BaseModel], rng: random.Random) -> dict[str, Any] | None:
     """A random valid action built from the action model's JSON Schema (enums and ints)."""
     schema = model.model_json_schema()
     out: dict[str, Any] = {}
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     frames: list[np.ndarray] = []
     stats: list[dict[str, float]] = []
     for k in range(args.steps):
-        raw = scripted[k % len(scripted)] if scripted else _random_action(io.action_model, rng)
+        raw = scripted[k % len(scripted)] if scripted else random_action(io.action_model, rng)
         action = io.validate_action(raw)
         out = pipe.generate(k, cache, io.action_to_input(action, k))
         frames.extend(io.output_to_frames(out).cpu().numpy())

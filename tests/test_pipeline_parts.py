@@ -300,3 +300,15 @@ def test_synthetic_action_schema_is_strict():
     assert io.validate_action({"x": 3}).model_dump() == {"x": 3, "y": 0}
     schema = io.action_model.model_json_schema()
     assert schema["additionalProperties"] is False
+
+
+def test_cache_nbytes_counts_each_storage_once():
+    from pipeline.memory import cache_nbytes
+
+    kv = SlidingWindowKVCache(num_layers=2, num_heads=1, head_dim=4, tokens_per_frame=2, window_frames=3)
+    t = torch.zeros(10)
+    assert cache_nbytes({"kv": kv, "a": t, "b": t[2:], "l": [t]}) == kv.nbytes + 40
+    assert kv.nbytes == 2 * 2 * 1 * 1 * 6 * 4 * 4
+    pipe = load_pipeline("synthetic", device="cpu")
+    cache = pipe.io.initialize_session(pipe, pipe.io.validate_options({}), 1)
+    assert cache_nbytes(cache) == 16  # seed + absorbed counters (int64 each)
