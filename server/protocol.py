@@ -102,8 +102,14 @@ class FrameHeader:
 
     def pack(self) -> bytes:
         return self.STRUCT.pack(
-            self.MAGIC, self.version, int(self.codec), self.step, self.index, self.count,
-            self.width, self.height,
+            self.MAGIC,
+            self.version,
+            int(self.codec),
+            self.step,
+            self.index,
+            self.count,
+            self.width,
+            self.height,
         )
 
     @classmethod
@@ -196,6 +202,9 @@ class StepTiming(BaseModel):
     """Frame codec time for this step's frames."""
     server_ms: float
     """Receipt of the step message → last frame handed to the socket."""
+    finalize_ms: float = 0.0
+    """Finalize time paid before this step's frames were sent: 0 when finalize overlaps the
+    transfer (the default); the finalize duration in ``--naive`` mode."""
 
 
 class StepDoneMessage(BaseModel):

@@ -1,0 +1,270 @@
+"""The FastAPI application: HTTP endpoints, the ``/v1/stream`` WebSocket, the browser demo.
+
+``create_app(config)`` returns an app whose lifespan loads the pipeline, starts the device worker,
+warms up with one full step (generate + finalize + encode) and only then reports ``/readyz`` ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from loguru import logger
+
+from pipeline.registry import load_pipeline
+from server.codec import FrameCodec
+from server.config import ServerConfig
+from server.connection import Connection, authorized
+from server.context import ServerContext
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.protocol import PROTOCOL_VERSION, STREAM_PATH, CloseCode, Codec
+from server.sessions import SessionManager
+from server.timeline import Timeline
+from server.worker import DeviceWorker, StepRequest, StepResult, resolve_in_loop
+
+WARMUP_SESSION = "warmup"
+
+
+class WarmupError(RuntimeError):
+    """The start-up step (generate + finalize + encode) failed; the server cannot serve."""
+
+
+def load_served_pipeline(config: ServerConfig) -> Any:
+    """``load_pipeline(config.pipeline, **overrides)``; ``device`` is passed unless ``auto``."""
+    overrides = dict(config.pipeline_overrides)
+    if config.device != "auto":
+        overrides.setdefault("device", config.device)
+    return load_pipeline(config.pipeline, **overrides)
+
+
+async def build_context(config: ServerConfig) -> ServerContext:
+    """Load the pipeline (off the event loop) and start its device worker."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    t0 = time.perf_counter()
+    pipeline = await asyncio.to_thread(load_served_pipeline, config)
+    logger.info(
+        "pipeline {!r} loaded on {} in {:.2f} s (batching: {})",
+        config.pipeline,
+        getattr(pipeline, "device", "?"),
+        time.perf_counter() - t0,
+        bool(getattr(pipeline, "supports_batching", False)),
+    )
+    metrics = ServerMetrics()
+    if hasattr(pipeline, "device"):
+        metrics.watch_device(pipeline.device)
+    timeline = Timeline(config.timeline_size)
+    worker = DeviceWorker(
+        pipeline,
+        max_batch=config.max_batch,
+        gather_window_ms=config.gather_window_ms,
+        batch_sizes=config.batch_sizes,
+        naive=config.naive,
+        timeline=timeline,
+        metrics=metrics,
+    )
+    worker.start()
+    sessions = SessionManager(
+        worker, metrics, max_sessions=config.max_sessions, resume_window_s=config.resume_window_s
+    )
+    return ServerContext(
+        config=config,
+        pipeline=pipeline,
+        pipeline_name=config.pipeline,
+        worker=worker,
+        sessions=sessions,
+        codec=FrameCodec(config.codec_threads, config.png_level),
+        metrics=metrics,
+        timeline=timeline,
+    )
+
+
+async def warmup(ctx: ServerContext) -> float:
+    """Full steps (generate + finalize + encode) through the real path on throwaway sessions:
+    one alone, then one batch of each of ``batch_sizes`` (so compiled shapes exist before the
+    first client). Returns the total ms. Raises :class:`WarmupError` if any part fails."""
+    t0 = time.perf_counter()
+    sizes = [1]
+    if ctx.worker.batch_sizes is not None:
+        sizes += [b for b in ctx.worker.batch_sizes if b > 1]
+    for size in sizes:
+        await _warmup_batch(ctx, size)
+    ms = (time.perf_counter() - t0) * 1000.0
+    logger.info("warm-up done in {:.1f} ms (batch sizes {})", ms, sizes)
+    return ms
+
+
+async def _warmup_batch(ctx: ServerContext, size: int) -> None:
+    loop = asyncio.get_running_loop()
+    worker = ctx.worker
+    io = ctx.pipeline.io
+    ids = [WARMUP_SESSION if size == 1 else f"{WARMUP_SESSION}-{size}-{i}" for i in range(size)]
+    opened: list[asyncio.Future[None]] = []
+    for sid in ids:
+        fut: asyncio.Future[None] = loop.create_future()
+        worker.open_session(sid, io.validate_options(None), 0, resolve_in_loop(loop, fut))
+        opened.append(fut)
+    try:
+        await asyncio.gather(*opened)
+        done: list[asyncio.Future[StepResult]] = [loop.create_future() for _ in ids]
+        with worker.hold():  # ready together: one batch of `size`
+            for sid, fut_done in zip(ids, done, strict=True):
+                worker.submit(StepRequest(sid, 0, None, time.monotonic(), resolve_in_loop(loop, fut_done)))
+        for result in await asyncio.gather(*done):
+            if result.error is not None or result.frames is None:
+                raise WarmupError(f"warm-up step (batch of {size}) failed: {result.error}")
+            await ctx.codec.encode(result.frames, Codec.from_name(ctx.config.codec), ctx.config.quality)
+    except WarmupError:
+        raise
+    except Exception as exc:
+        raise WarmupError(f"warm-up (batch of {size}) failed: {exc!r}") from exc
+    finally:
+        released: list[asyncio.Future[None]] = []
+        for sid in ids:
+            fut = loop.create_future()
+            worker.release_session(sid, resolve_in_loop(loop, fut))
+            released.append(fut)
+        await asyncio.gather(*released)
+
+
+def web_client_dir() -> Path | None:
+    """The browser demo's folder (``clients/web``), or ``None`` if it is not installed."""
+    try:
+        path = Path(str(importlib.resources.files("clients") / "web"))
+    except Exception:
+        return None
+    return path if (path / "index.html").is_file() else None
+
+
+def create_app(config: ServerConfig | None = None) -> FastAPI:
+    """The server app for ``config`` (default: from ``DREAMSTREAM_*`` environment variables)."""
+    cfg = config or ServerConfig.from_sources()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = await build_context(cfg)
+        app.state.ctx = ctx
+        try:
+            if cfg.warmup:
+                await warmup(ctx)
+            ctx.ready = True
+            logger.info(
+                "ready: {} on {} (max_sessions {}, max_inflight {}, max_batch {}, naive {})",
+                cfg.pipeline,
+                getattr(ctx.pipeline, "device", "?"),
+                cfg.max_sessions,
+                cfg.max_inflight,
+                ctx.worker.max_batch,
+                cfg.naive,
+            )
+            yield
+        finally:
+            ctx.ready = False
+            await ctx.drain(0.0)
+            ctx.sessions.end_all("server stopped")
+            await asyncio.to_thread(ctx.worker.stop)
+            ctx.codec.close()
+
+    app = FastAPI(title="dreamstream", version=str(PROTOCOL_VERSION), lifespan=lifespan)
+    app.state.config = cfg
+
+    def context(request: Request | WebSocket) -> ServerContext:
+        ctx: ServerContext = request.app.state.ctx
+        return ctx
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """200 once the model is loaded and warmed up (503 before, and while shutting down)."""
+        ctx = getattr(request.app.state, "ctx", None)
+        ready = ctx is not None and ctx.ready and not ctx.draining and ctx.worker.alive
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus text exposition."""
+        return Response(context(request).metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/info")
+    async def info(request: Request) -> dict[str, Any]:
+        """Protocol version, served pipeline, limits, action and start-option JSON Schemas."""
+        ctx = context(request)
+        io = ctx.pipeline.io
+        try:
+            spec = io.stream_spec(ctx.pipeline, io.validate_options(None))
+            stream: dict[str, Any] | None = {
+                "width": spec.width,
+                "height": spec.height,
+                "frames_per_step": spec.frames_per_step,
+                "fps": spec.fps,
+            }
+        except Exception:
+            stream = None
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "stream_path": STREAM_PATH,
+            "pipeline": ctx.pipeline_name,
+            "device": str(getattr(ctx.pipeline, "device", "unknown")),
+            "stream": stream,
+            "codecs": [c.wire_name for c in Codec],
+            "default_codec": cfg.codec,
+            "default_quality": cfg.quality,
+            "auth": cfg.token is not None,
+            "limits": {
+                "max_sessions": cfg.max_sessions,
+                "max_inflight": cfg.max_inflight,
+                "max_batch": ctx.worker.max_batch,
+                "max_message_bytes": cfg.max_message_bytes,
+                "idle_timeout_s": cfg.idle_timeout_s,
+                "resume_window_s": cfg.resume_window_s,
+            },
+            "naive": cfg.naive,
+            "sessions": {"active": len(ctx.sessions), "attached": ctx.sessions.attached},
+            "action_schema": ctx.action_schema(),
+            "options_schema": ctx.options_schema(),
+        }
+
+    if cfg.debug_timeline:
+
+        @app.get("/debug/timeline")
+        async def timeline(request: Request) -> dict[str, Any]:
+            """The worker's recent events (``time.monotonic()`` seconds) and live counters."""
+            ctx = context(request)
+            return {
+                "now": time.monotonic(),
+                "live_caches": ctx.worker.live_caches,
+                "queued_steps": ctx.worker.queued_steps,
+                "sessions": len(ctx.sessions),
+                "max_batch": ctx.worker.max_batch,
+                "naive": cfg.naive,
+                "events": [e.to_dict() for e in ctx.timeline.events()],
+            }
+
+    @app.websocket(STREAM_PATH)
+    async def stream(ws: WebSocket) -> None:
+        """Protocol v1 (docs/protocol.md). Without the token the handshake gets HTTP 403."""
+        if not authorized(ws, cfg.token):
+            await ws.close(code=CloseCode.POLICY)
+            return
+        await ws.accept()
+        await Connection(ws, context(ws)).run()
+
+    web = web_client_dir()
+    if web is not None:
+        app.mount("/", StaticFiles(directory=str(web), html=True), name="web")
+    else:
+        logger.debug("clients/web not found; the browser demo is not served")
+    return app

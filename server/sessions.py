@@ -1,0 +1,212 @@
+"""Sessions: unguessable id → one rollout's state, and the manager that admits, keeps and frees them.
+
+A :class:`Session` lives on the event loop. Its pipeline cache lives on the device worker (keyed
+by the session id) and is freed by :meth:`SessionManager.end` in every path: ``end``, fatal error,
+idle timeout, resume window expiry, shutdown.
+
+States: ``attached`` (a connection drives it) → ``detached`` (connection lost; kept
+``resume_window_s`` for ``resume``) → ``ended`` (removed, cache freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from loguru import logger
+from pydantic import BaseModel
+
+from pipeline.io import StreamSpec
+from server.errors import OverloadedError, UnknownSessionError
+from server.metrics import ServerMetrics
+from server.protocol import Codec
+from server.worker import DeviceWorker, resolve_in_loop
+
+SESSION_ID_BYTES = 16
+"""Entropy of a session id (128 bits, URL-safe base64)."""
+RESUME_TOKEN_BYTES = 32
+"""Entropy of a resume token (256 bits)."""
+
+
+class SessionState(str, Enum):
+    ATTACHED = "attached"
+    DETACHED = "detached"
+    ENDED = "ended"
+
+
+class SessionOwner(Protocol):
+    """The connection driving a session; told to let go when another connection resumes it."""
+
+    def on_session_taken(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Session:
+    """One rollout. Counters are cumulative over its whole life (across resumes)."""
+
+    id: str
+    resume_token: str
+    pipeline: str
+    seed: int
+    codec: Codec
+    quality: int
+    options: BaseModel
+    spec: StreamSpec
+    state: SessionState = SessionState.ATTACHED
+    next_step: int = 0
+    """AR index the client must send next."""
+    created_at: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` of the latest start/resume/step message (drives the idle timeout)."""
+    steps: int = 0
+    frames: int = 0
+    bytes_sent: int = 0
+    owner: SessionOwner | None = None
+    expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def log(self) -> Any:
+        return logger.bind(session=self.id)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+
+class SessionManager:
+    """Admission (``max_sessions``), lookup for resume, detach with a resume window, and freeing."""
+
+    def __init__(
+        self,
+        worker: DeviceWorker,
+        metrics: ServerMetrics,
+        *,
+        max_sessions: int,
+        resume_window_s: float,
+    ) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.max_sessions = max_sessions
+        self.resume_window_s = resume_window_s
+        self._sessions: dict[str, Session] = {}
+        self._reserved = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    @property
+    def attached(self) -> int:
+        return sum(s.state is SessionState.ATTACHED for s in self._sessions.values())
+
+    async def create(
+        self,
+        *,
+        pipeline: str,
+        seed: int,
+        codec: Codec,
+        quality: int,
+        options: BaseModel,
+        spec: StreamSpec,
+        owner: SessionOwner,
+    ) -> Session:
+        """Admit a new session and create its cache on the worker.
+
+        Raises :class:`OverloadedError` when ``max_sessions`` are held (attached or resumable).
+        """
+        if len(self._sessions) + self._reserved >= self.max_sessions:
+            raise OverloadedError(self.max_sessions)
+        self._reserved += 1
+        try:
+            session = Session(
+                id=secrets.token_urlsafe(SESSION_ID_BYTES),
+                resume_token=secrets.token_urlsafe(RESUME_TOKEN_BYTES),
+                pipeline=pipeline,
+                seed=seed,
+                codec=codec,
+                quality=quality,
+                options=options,
+                spec=spec,
+                owner=owner,
+            )
+            loop = asyncio.get_running_loop()
+            opened: asyncio.Future[None] = loop.create_future()
+            self.worker.open_session(session.id, options, seed, resolve_in_loop(loop, opened))
+            try:
+                await opened
+            except asyncio.CancelledError:
+                # The connection went away while the cache was being made: free it once made.
+                self.worker.release_session(session.id)
+                raise
+        finally:
+            self._reserved -= 1
+        self._sessions[session.id] = session
+        self.metrics.sessions_started.inc()
+        self._update_gauges()
+        session.log.info("session started (seed {}, codec {})", seed, codec.wire_name)
+        return session
+
+    def resume(self, session_id: str, resume_token: str, owner: SessionOwner) -> Session:
+        """Attach ``owner`` to a kept session. A live previous owner is told to let go.
+
+        Raises :class:`UnknownSessionError` for an unknown id or a wrong token (same error, so
+        ids cannot be probed).
+        """
+        session = self._sessions.get(session_id)
+        if session is None or not secrets.compare_digest(
+            session.resume_token.encode(), resume_token.encode()
+        ):
+            raise UnknownSessionError()
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        previous = session.owner
+        session.owner = owner
+        session.state = SessionState.ATTACHED
+        session.touch()
+        if previous is not None and previous is not owner:
+            previous.on_session_taken()
+        self._update_gauges()
+        session.log.info("session resumed at step {}", session.next_step)
+        return session
+
+    def detach(self, session: Session, owner: SessionOwner) -> None:
+        """``owner``'s connection is gone: keep the session ``resume_window_s``, then end it."""
+        if session.owner is not owner or session.state is SessionState.ENDED:
+            return
+        session.owner = None
+        if self.resume_window_s <= 0:
+            self.end(session, "connection closed (resume disabled)")
+            return
+        session.state = SessionState.DETACHED
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(self.resume_window_s, self.end, session, "resume window expired")
+        self._update_gauges()
+        session.log.info("session detached; resumable for {:.1f} s", self.resume_window_s)
+
+    def end(self, session: Session, reason: str) -> None:
+        """Remove the session and free its cache on the worker (idempotent)."""
+        if session.state is SessionState.ENDED:
+            return
+        session.state = SessionState.ENDED
+        session.owner = None
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        self._sessions.pop(session.id, None)
+        self.worker.release_session(session.id)
+        self._update_gauges()
+        session.log.info("session ended: {} ({} steps)", reason, session.steps)
+
+    def end_all(self, reason: str) -> None:
+        for session in list(self._sessions.values()):
+            self.end(session, reason)
+
+    def _update_gauges(self) -> None:
+        self.metrics.active_sessions.set(len(self._sessions))
+        self.metrics.attached_sessions.set(self.attached)

@@ -1,0 +1,542 @@
+"""The device worker: one thread that owns the pipeline and runs every model call.
+
+Scheduling (one *round* at a time, on the worker thread):
+
+1. Control work first: create caches for new sessions (``initialize_session``), drop the caches
+   of ended ones.
+2. Take the sessions that have a step ready, oldest-waiting first (a FIFO of sessions, each at
+   most once), up to ``max_batch`` of them; optionally wait ``gather_window_ms`` for more first.
+3. ``generate_batch`` (or ``generate`` for a batch of one, or for pipelines without batch support)
+   → frames are copied towards host memory and **handed to each session's sender at once**
+   (``loop.call_soon_threadsafe``) → ``finalize_batch`` runs right after, while the frames are
+   encoded and travel and the player thinks. Sessions with more queued steps go to the back of
+   the FIFO, so every ready session runs once before any runs twice (round-robin, no starvation).
+
+Per session, ``finalize(k)`` always finishes before ``generate(k + 1)`` starts: a session is in at
+most one round at a time and a round ends with its finalize.
+
+``naive=True`` (comparison mode): one step per round, generate and finalize back to back, frames
+handed off only after finalize — what a straightforward server does.
+
+On CUDA, frames go device → pinned host memory with a non-blocking copy behind a CUDA event; the
+codec thread waits on that event (:meth:`HostFrames.numpy`); nothing in the step path synchronizes
+the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from loguru import logger
+from pydantic import BaseModel
+
+from server.errors import StepFailedError
+from server.metrics import ServerMetrics
+from server.timeline import Timeline
+
+
+class WorkerStoppedError(RuntimeError):
+    """Work was submitted to (or was still queued in) a worker that is shutting down."""
+
+
+class FrameFormatError(TypeError):
+    """The pipeline's ``io.output_to_frames`` did not return uint8 ``[T, H, W, 3]``."""
+
+
+@dataclass
+class HostFrames:
+    """A step's frames in host memory: uint8 ``[T, H, W, 3]``, valid once ``ready`` has fired."""
+
+    tensor: torch.Tensor
+    ready: Any = None
+    """``torch.cuda.Event`` recorded after the device → host copy, or ``None`` (already there)."""
+
+    def numpy(self) -> np.ndarray:
+        """Wait for the copy (only this event, not the device), then view as numpy."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensor.numpy()
+
+
+def to_host(frames: torch.Tensor) -> HostFrames:
+    """Start moving ``frames`` to host memory without synchronizing the device."""
+    if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        raise FrameFormatError(
+            f"io.output_to_frames must return uint8 [T, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}"
+        )
+    if frames.device.type == "cpu":
+        return HostFrames(frames.contiguous())
+    if frames.device.type == "cuda":
+        host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(frames.device))
+        return HostFrames(host, event)
+    return HostFrames(frames.to("cpu"))
+
+
+@dataclass
+class StepResult:
+    """What the worker hands back for one step of one session."""
+
+    session_id: str
+    step: int
+    frames: HostFrames | None
+    """``None`` iff ``error`` is set."""
+    queue_ms: float = 0.0
+    """Receipt of the step message → the worker started its generate."""
+    generate_ms: float = 0.0
+    """Wall time of the generate call (of the whole batch), incl. the pipeline's decode."""
+    finalize_ms: float = 0.0
+    """Finalize time paid before the frames were handed off (naive mode only; else 0)."""
+    batch: int = 1
+    """Rollouts in the generate call this step ran in."""
+    t_handoff: float = 0.0
+    """``time.monotonic()`` when the frames were handed to the event loop."""
+    error: StepFailedError | None = None
+
+
+@dataclass
+class StepRequest:
+    """One step a session asked for; ``deliver`` is called (on the worker thread) with its result."""
+
+    session_id: str
+    step: int
+    action: BaseModel | None
+    t_received: float
+    """``time.monotonic()`` when the step message arrived."""
+    deliver: Callable[[StepResult], None]
+
+
+@dataclass
+class _Slot:
+    """Worker-side state of one session (touched only under the worker's lock or on its thread)."""
+
+    session_id: str
+    cache: Any = None
+    requests: deque[StepRequest] = field(default_factory=deque)
+    queued: bool = False
+    """In the ready FIFO."""
+    running: bool = False
+    """In the current round."""
+    closed: bool = False
+    broken: StepFailedError | None = None
+    """A finalize failed: the cache is unusable, every later step fails with this."""
+    last_step: int | None = None
+    """AR index of the latest generate (for rollback of a failed batch)."""
+
+
+def resolve_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> Callable[[Any], None]:
+    """A thread-safe callback that completes ``future`` (on ``loop``) with a value or exception."""
+
+    def _set(value: Any) -> None:
+        if future.done():
+            return
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    def deliver(value: Any) -> None:
+        # A closed loop means nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_set, value)
+
+    return deliver
+
+
+@dataclass
+class _Control:
+    kind: str  # "open" | "release"
+    session_id: str
+    options: BaseModel | None = None
+    seed: int = 0
+    done: Callable[[Any], None] | None = None
+
+
+class DeviceWorker:
+    """Owns ``pipeline``; every model call of the server runs on this thread (see module doc)."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        max_batch: int = 8,
+        gather_window_ms: float = 0.0,
+        batch_sizes: list[int] | tuple[int, ...] | None = None,
+        naive: bool = False,
+        timeline: Timeline | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.io = pipeline.io
+        self.naive = naive
+        self.supports_batching = bool(getattr(pipeline, "supports_batching", False)) and hasattr(
+            pipeline, "generate_batch"
+        )
+        self.max_batch = 1 if naive or not self.supports_batching else max(1, max_batch)
+        """Effective batch limit: 1 in naive mode or for pipelines without batch support."""
+        self.batch_sizes: tuple[int, ...] | None = None
+        """Allowed batch sizes (always incl. 1), or ``None`` for any size up to ``max_batch``.
+
+        A pipeline compiled for fixed shapes sees only these sizes (no recompiles in the hot
+        path); sessions that do not fit the largest allowed size run in the next round."""
+        if batch_sizes:
+            self.batch_sizes = tuple(sorted({1, *(b for b in batch_sizes if b <= self.max_batch)}))
+        self.gather_window_s = gather_window_ms / 1000.0
+        self.timeline = timeline or Timeline()
+        self.metrics = metrics or ServerMetrics()
+        self._cond = threading.Condition()
+        self._slots: dict[str, _Slot] = {}
+        self._ready: deque[_Slot] = deque()
+        self._control: deque[_Control] = deque()
+        self._queued_steps = 0
+        self._stopping = False
+        self._live_caches = 0
+        self._thread = threading.Thread(target=self._run, name="device-worker", daemon=True)
+
+    # ---- public API (any thread) --------------------------------------------------------------
+    @property
+    def live_caches(self) -> int:
+        """Session caches currently allocated (returns to 0 when every session has ended)."""
+        return self._live_caches
+
+    @property
+    def queued_steps(self) -> int:
+        """Steps submitted and not yet started."""
+        return self._queued_steps
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs and accepts work (False after ``stop`` or a crash)."""
+        return self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Keep the scheduler from taking work while inside: steps submitted within become ready
+        together (tests use it to make scheduling order deterministic)."""
+        with self._cond:
+            yield
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the current round, fail queued work with :class:`WorkerStoppedError`, free caches."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def open_session(
+        self, session_id: str, options: BaseModel, seed: int, done: Callable[[Any], None]
+    ) -> None:
+        """Create the session's cache on the worker; ``done(None)`` or ``done(exception)``."""
+        self._push_control(_Control("open", session_id, options, seed, done))
+
+    def release_session(self, session_id: str, done: Callable[[Any], None] | None = None) -> None:
+        """Drop the session's queued steps and free its cache (after a running round, if any)."""
+        with self._cond:
+            slot = self._slots.get(session_id)
+            if slot is not None:
+                slot.closed = True
+                self._drop_requests(slot, WorkerStoppedError(f"session {session_id} ended"))
+        self._push_control(_Control("release", session_id, done=done))
+
+    def submit(self, request: StepRequest) -> None:
+        """Queue a step. Raises :class:`WorkerStoppedError` if stopping or the session is unknown."""
+        with self._cond:
+            if self._stopping:
+                raise WorkerStoppedError("the device worker is shutting down")
+            slot = self._slots.get(request.session_id)
+            if slot is None or slot.closed:
+                raise WorkerStoppedError(f"session {request.session_id} has no cache on the worker")
+            slot.requests.append(request)
+            self._queued_steps += 1
+            if not slot.running and not slot.queued:
+                slot.queued = True
+                self._ready.append(slot)
+            self._cond.notify_all()
+        self.metrics.queue_depth.set(self._queued_steps)
+
+    def cancel_queued(self, session_id: str) -> list[int]:
+        """Remove the session's steps that have not started; returns their indices (ascending).
+
+        Their ``deliver`` is not called. Steps already running complete normally.
+        """
+        with self._cond:
+            slot = self._slots.get(session_id)
+            if slot is None:
+                return []
+            steps = [r.step for r in slot.requests]
+            self._queued_steps -= len(slot.requests)
+            slot.requests.clear()
+        self.metrics.queue_depth.set(self._queued_steps)
+        return steps
+
+    # ---- worker thread ------------------------------------------------------------------------
+    def _push_control(self, control: _Control) -> None:
+        with self._cond:
+            if self._stopping:
+                # No more rounds: opens fail; releases are done by the shutdown cleanup anyway.
+                if control.done is not None:
+                    stopped = WorkerStoppedError("the device worker is shutting down")
+                    control.done(stopped if control.kind == "open" else None)
+                return
+            self._control.append(control)
+            self._cond.notify_all()
+
+    def _drop_requests(self, slot: _Slot, error: Exception) -> None:
+        """Fail a slot's queued requests (caller holds the lock)."""
+        self._queued_steps -= len(slot.requests)
+        for req in slot.requests:
+            req.deliver(
+                StepResult(
+                    req.session_id, req.step, None,
+                    error=StepFailedError(req.session_id, req.step, "queue", error),
+                )
+            )  # fmt: skip
+        slot.requests.clear()
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                while self._round():
+                    pass
+        except BaseException as exc:  # a bug here must not hang every client silently
+            logger.exception("device worker crashed: {!r}", exc)
+            with self._cond:
+                self._stopping = True
+        finally:
+            self._shutdown_cleanup()
+
+    def _round(self) -> bool:
+        """One scheduling round; False when the worker should exit."""
+        with self._cond:
+            while not self._stopping and not self._control and not self._ready:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            controls = list(self._control)
+            self._control.clear()
+        for control in controls:
+            self._run_control(control)
+        with self._cond:
+            # Gather window: wait a little for more sessions' steps, but never for more than
+            # there are sessions (a lone session never waits).
+            want = min(self.max_batch, len(self._slots))
+            if self._ready and len(self._ready) < want and self.gather_window_s > 0:
+                deadline = time.monotonic() + self.gather_window_s
+                while len(self._ready) < want and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            for stale in [s for s in self._ready if s.closed or not s.requests]:
+                stale.queued = False
+                self._ready.remove(stale)
+            size = self._batch_size(len(self._ready))
+            batch: list[tuple[_Slot, StepRequest]] = []
+            while self._ready and len(batch) < size:
+                slot = self._ready.popleft()
+                slot.queued = False
+                slot.running = True
+                batch.append((slot, slot.requests.popleft()))
+                self._queued_steps -= 1
+        self.metrics.queue_depth.set(self._queued_steps)
+        if batch:
+            try:
+                self._run_batch(batch)
+            finally:
+                with self._cond:
+                    for slot, _ in batch:
+                        slot.running = False
+                        if slot.requests and not slot.closed and not slot.queued:
+                            slot.queued = True
+                            self._ready.append(slot)
+        return True
+
+    def _batch_size(self, ready: int) -> int:
+        """Rollouts to take from ``ready`` ready sessions: up to ``max_batch``, and with
+        ``batch_sizes`` the largest listed size that fits (the rest run next round, first)."""
+        limit = min(ready, self.max_batch)
+        if self.batch_sizes is None:
+            return limit
+        return max(b for b in self.batch_sizes if b <= limit) if limit > 0 else 0
+
+    def _run_control(self, control: _Control) -> None:
+        if control.kind == "open":
+            t0 = time.monotonic()
+            try:
+                cache = self.io.initialize_session(self.pipeline, control.options, control.seed)
+            except Exception as exc:
+                logger.bind(session=control.session_id).exception("initialize_session failed")
+                if control.done is not None:
+                    control.done(exc)
+                return
+            with self._cond:
+                self._slots[control.session_id] = _Slot(control.session_id, cache)
+            self._set_live(+1)
+            self.timeline.record("init", control.session_id, None, t0, time.monotonic())
+            if control.done is not None:
+                control.done(None)
+        else:
+            with self._cond:
+                slot = self._slots.pop(control.session_id, None)
+                if slot is not None:
+                    self._drop_requests(slot, WorkerStoppedError("session ended"))
+            if slot is not None and slot.cache is not None:
+                slot.cache = None
+                self._set_live(-1)
+            self.timeline.mark("release", control.session_id, None)
+            if control.done is not None:
+                control.done(None)
+
+    def _set_live(self, delta: int) -> None:
+        self._live_caches += delta
+        self.metrics.live_caches.set(self._live_caches)
+
+    def _fail(self, req: StepRequest, stage: str, exc: BaseException, queue_ms: float) -> None:
+        logger.bind(session=req.session_id).opt(exception=exc).error(
+            "{} of step {} failed: {!r}", stage, req.step, exc
+        )
+        err = StepFailedError(req.session_id, req.step, stage, exc)
+        req.deliver(StepResult(req.session_id, req.step, None, queue_ms=queue_ms, error=err))
+
+    def _run_batch(self, batch: list[tuple[_Slot, StepRequest]]) -> None:
+        t_start = time.monotonic()
+        runnable: list[tuple[_Slot, StepRequest, Any]] = []
+        for slot, req in batch:
+            queue_ms = (t_start - req.t_received) * 1000.0
+            if slot.broken is not None:
+                self._fail(req, "finalize of an earlier step", slot.broken, queue_ms)
+                continue
+            try:
+                runnable.append((slot, req, self.io.action_to_input(req.action, req.step)))
+            except Exception as exc:
+                self._fail(req, "action_to_input", exc, queue_ms)
+        if not runnable:
+            return
+        outputs = self._generate(runnable)
+        t_gen_end = time.monotonic()
+        generate_ms = (t_gen_end - t_start) * 1000.0
+        n = len(runnable)
+        self.metrics.batch_size.observe(n)
+        self.metrics.busy.add(t_gen_end - t_start)
+        done: list[tuple[_Slot, StepRequest, StepResult]] = []
+        for (slot, req, _), out in zip(runnable, outputs, strict=True):
+            queue_ms = (t_start - req.t_received) * 1000.0
+            self.timeline.record("generate", req.session_id, req.step, t_start, t_gen_end, n)
+            if isinstance(out, BaseException):
+                self._fail(req, "generate", out, queue_ms)
+                continue
+            slot.last_step = req.step
+            try:
+                frames = to_host(self.io.output_to_frames(out))
+            except Exception as exc:
+                self._fail(req, "output_to_frames", exc, queue_ms)
+                continue
+            result = StepResult(
+                req.session_id, req.step, frames, queue_ms=queue_ms, generate_ms=generate_ms, batch=n
+            )
+            if not self.naive:
+                self._handoff(req, result)
+            done.append((slot, req, result))
+        if not done:
+            return
+        t_fin = time.monotonic()
+        failed = self._finalize([(slot, req) for slot, req, _ in done])
+        t_fin_end = time.monotonic()
+        self.metrics.busy.add(t_fin_end - t_fin)
+        for slot, req, result in done:
+            self.timeline.record("finalize", req.session_id, req.step, t_fin, t_fin_end, len(done))
+            fin_error = failed.get(req.session_id)
+            if fin_error is not None:
+                slot.broken = StepFailedError(req.session_id, req.step, "finalize", fin_error)
+            if self.naive:
+                if fin_error is not None:
+                    self._fail(req, "finalize", fin_error, result.queue_ms)
+                else:
+                    result.finalize_ms = (t_fin_end - t_fin) * 1000.0
+                    self._handoff(req, result)
+
+    def _handoff(self, req: StepRequest, result: StepResult) -> None:
+        result.t_handoff = time.monotonic()
+        self.timeline.record("handoff", req.session_id, req.step, result.t_handoff, None, result.batch)
+        req.deliver(result)
+
+    def _generate(self, runnable: list[tuple[_Slot, StepRequest, Any]]) -> list[Any]:
+        """Outputs (or the exception of each rollout that failed), in ``runnable``'s order."""
+        if len(runnable) > 1:
+            indices = [req.step for _, req, _ in runnable]
+            caches = [slot.cache for slot, _, _ in runnable]
+            try:
+                return list(self.pipeline.generate_batch(indices, caches, [x for *_, x in runnable]))
+            except Exception as exc:
+                # One rollout (or the batch) failed: undo the AR bookkeeping generate_batch did
+                # and run each rollout alone, so only the failing session sees the error.
+                logger.warning("generate_batch of {} failed ({!r}); retrying one by one", len(runnable), exc)
+                for slot, _, _ in runnable:
+                    _rollback_generate(slot.cache, slot.last_step)
+        outs: list[Any] = []
+        for slot, req, x in runnable:
+            try:
+                outs.append(self.pipeline.generate(req.step, slot.cache, x))
+            except Exception as exc:
+                outs.append(exc)
+        return outs
+
+    def _finalize(self, items: list[tuple[_Slot, StepRequest]]) -> dict[str, BaseException]:
+        """Finalize every item; returns ``{session_id: exception}`` for those that failed."""
+        if len(items) > 1:
+            try:
+                self.pipeline.finalize_batch([r.step for _, r in items], [s.cache for s, _ in items])
+                return {}
+            except Exception as exc:
+                logger.error("finalize_batch of {} rollouts failed: {!r}", len(items), exc)
+                return {req.session_id: exc for _, req in items}
+        failed: dict[str, BaseException] = {}
+        for slot, req in items:
+            try:
+                self.pipeline.finalize(req.step, slot.cache)
+            except Exception as exc:
+                failed[req.session_id] = exc
+        return failed
+
+    def _shutdown_cleanup(self) -> None:
+        with self._cond:
+            self._stopping = True
+            slots = list(self._slots.values())
+            self._slots.clear()
+            self._ready.clear()
+            controls = list(self._control)
+            self._control.clear()
+            for slot in slots:
+                self._drop_requests(slot, WorkerStoppedError("the device worker stopped"))
+        for control in controls:
+            if control.done is not None:
+                control.done(
+                    WorkerStoppedError("the device worker stopped") if control.kind == "open" else None
+                )
+        for slot in slots:
+            if slot.cache is not None:
+                slot.cache = None
+                self._set_live(-1)
+
+
+def _rollback_generate(cache: Any, last_step: int | None) -> None:
+    """Undo what a failed ``generate`` may have recorded in a :class:`StreamInferencePipelineCache`."""
+    if hasattr(cache, "autoregressive_index"):
+        cache.autoregressive_index = last_step
+    if hasattr(cache, "final_state"):
+        cache.final_state = None
