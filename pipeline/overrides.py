@@ -9,10 +9,13 @@ from pipeline.errors import ConfigError
 
 
 def parse_value(text: str) -> Any:
-    """``"40"`` → 40, ``"0.5"`` → 0.5, ``"true"`` → True, ``"none"`` → None, JSON → object, else str."""
+    """``"40"`` → 40, ``"0.5"`` → 0.5, ``"true"``/``"yes"``/``"on"`` → True (and the opposites),
+    ``"none"``/``"null"`` → None, JSON → object, else the string itself."""
     lowered = text.strip().lower()
-    if lowered in {"true", "false"}:
-        return lowered == "true"
+    if lowered in {"true", "yes", "on"}:
+        return True
+    if lowered in {"false", "no", "off"}:
+        return False
     if lowered in {"none", "null"}:
         return None
     try:

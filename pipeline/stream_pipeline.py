@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipeline.config import InstantiateConfig
 from pipeline.decoder import DecoderConfig, StreamingDecoder, StreamingDecoderCacheT
 from pipeline.device import resolve_device, resolve_dtype
-from pipeline.diffusion_model import DiffusionModel, DiffusionFinalState, DiffusionModelConfig
+from pipeline.diffusion_model import DiffusionFinalState, DiffusionModel, DiffusionModelConfig
 from pipeline.encoder import EncoderConfig, StreamingEncoder, StreamingEncoderCacheT
 from pipeline.errors import AutoregressiveOrderError, FinalizeError, InputError
 from pipeline.io import PipelineIO, TensorIO

@@ -150,29 +150,3 @@ def _env_value(name: str, raw: str) -> Any:
     if name == "token":
         return raw or None
     return raw
-
-
-def parse_scalar(text: str) -> Any:
-    """``--set`` value → Python: ints, floats, true/false, null/none, JSON, else the string."""
-    low = text.strip().lower()
-    if low in {"true", "yes", "on"}:
-        return True
-    if low in {"false", "no", "off"}:
-        return False
-    if low in {"null", "none"}:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["generate_ms=40", "width=128"]`` → ``{"generate_ms": 40, "width": 128}``."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigValueError(f"--set expects key=value (e.g. generate_ms=40), got {pair!r}")
-        out[key.strip()] = parse_scalar(value)
-    return out

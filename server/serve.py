@@ -17,7 +17,9 @@ from typing import Any
 import uvicorn
 from loguru import logger
 
-from server.config import ConfigValueError, ServerConfig, parse_overrides
+from pipeline.errors import ConfigError
+from pipeline.overrides import parse_overrides
+from server.config import ConfigValueError, ServerConfig
 from server.logging import setup_logging
 
 
@@ -73,7 +75,10 @@ def config_from_args(argv: list[str]) -> ServerConfig:
     args = vars(build_parser().parse_args(argv))
     pairs = args.pop("overrides")
     if pairs:
-        args["pipeline_overrides"] = parse_overrides(pairs)
+        try:
+            args["pipeline_overrides"] = parse_overrides(pairs)
+        except ConfigError as exc:
+            raise ConfigValueError(f"--set: {exc}") from None
     return ServerConfig.from_sources(args)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import ConfigValueError, ServerConfig, parse_overrides, parse_scalar
+from pipeline.overrides import parse_value as parse_scalar
+from server.config import ConfigValueError, ServerConfig
 from server.connection import parse_client_message
 from server.errors import ProtocolError
 from server.protocol import ErrorCode, StepMessage
@@ -50,7 +51,7 @@ def test_bad_values_name_the_option() -> None:
     with pytest.raises(ConfigValueError, match="PIPELINE_OVERRIDES"):
         ServerConfig.from_sources(environ={"DREAMSTREAM_PIPELINE_OVERRIDES": "[1]"})
     with pytest.raises(ConfigValueError, match="key=value"):
-        parse_overrides(["generate_ms"])
+        config_from_args(["--set", "generate_ms"])
 
 
 @pytest.mark.parametrize(
