@@ -50,8 +50,13 @@ def write_results(results: list[BenchResult], machine: MachineInfo, out_dir: Pat
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     for r in results:
         payload = {
-            "name": r.name, "title": r.title, "machine": machine.as_dict(), "time": stamp,
-            "rows": r.rows, "headline": r.headline, "notes": r.notes,
+            "name": r.name,
+            "title": r.title,
+            "machine": machine.as_dict(),
+            "time": stamp,
+            "rows": r.rows,
+            "headline": r.headline,
+            "notes": r.notes,
         }
         (out_dir / f"{r.name}.json").write_text(json.dumps(payload, indent=2))
     md = [f"# dreamstream benchmarks\n\nMachine: {machine.line()}. Run at {stamp}.\n"]

@@ -1,0 +1,625 @@
+"""Asynchronous client of dreamstream protocol v1 (see docs/protocol.md, server/protocol.py).
+
+One :class:`AsyncStreamClient` drives one session over one WebSocket. A single receive task reads
+every message and dispatches it: binary frames are collected per step, ``step_done`` completes
+the step's future, ``error`` fails the request it is about (typed :class:`StreamError` carrying
+the server's code), ``ready`` / ``pong`` / ``ended`` complete the pending request.
+
+Latency is measured here and nowhere else: a step's :attr:`StepResult.latency_ms` is the time
+from just before its ``step`` message is written to the socket until its ``step_done`` is read,
+on the monotonic ``time.perf_counter`` clock. ``play``, ``loadtest`` and the benchmarks all use
+these numbers.
+
+Example::
+
+    async with AsyncStreamClient("ws://127.0.0.1:8000/v1/stream") as client:
+        ready = await client.start(seed=1)
+        result = await client.step({"move": "up"})        # one step, frames decoded lazily
+        print(result.latency_ms, result.frames[0].shape)
+        async for r in client.run(actions):                # pipelined, up to max_inflight
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import websockets
+from pydantic import ValidationError
+from websockets.asyncio.client import ClientConnection, connect
+
+from clients.codec import decode_frame
+from clients.errors import (
+    ClientError,
+    ConnectionClosedError,
+    HandshakeError,
+    NotConnectedError,
+    ProtocolViolation,
+    StepTimeoutError,
+    StreamError,
+)
+from server.protocol import (
+    STREAM_PATH,
+    CodecName,
+    EndedMessage,
+    ErrorCode,
+    ErrorMessage,
+    FrameHeader,
+    PongMessage,
+    ReadyMessage,
+    StepDoneMessage,
+    StepTiming,
+)
+
+DEFAULT_URL = f"ws://127.0.0.1:8000{STREAM_PATH}"
+STEP_ERROR_CODES = frozenset({ErrorCode.BAD_ACTION, ErrorCode.OUT_OF_ORDER, ErrorCode.TOO_MANY_INFLIGHT})
+"""Error codes that are about one step even when the server leaves ``step`` null."""
+
+
+def stream_url(base: str) -> str:
+    """Normalize ``host:port``, ``http(s)://host:port`` or a ws URL to the ``/v1/stream`` URL."""
+    url = base.strip()
+    if "://" not in url:
+        url = "ws://" + url
+    scheme, rest = url.split("://", 1)
+    scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    if "/" not in rest:
+        rest += STREAM_PATH
+    return f"{scheme}://{rest}"
+
+
+@dataclass(frozen=True)
+class FramePacket:
+    """One binary frame message as received."""
+
+    header: FrameHeader
+    payload: bytes
+    """Encoded frame bytes (after the 16-byte header)."""
+    received_at: float
+    """``time.perf_counter()`` seconds when the receive task read the message."""
+
+
+@dataclass
+class StepResult:
+    """A completed step: its frames, the server's timing and the client's measurements."""
+
+    step: int
+    """AR step index."""
+    action: Any
+    """The action sent (JSON value)."""
+    packets: list[FramePacket]
+    """The step's frames in order, still encoded."""
+    sent_at: float
+    """``time.perf_counter()`` seconds just before the ``step`` message was written."""
+    done_at: float
+    """``time.perf_counter()`` seconds when ``step_done`` was read."""
+    timing: StepTiming
+    """Server-side milliseconds (queue, generate, encode, server total) from ``step_done``."""
+    _decoded: list[np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def latency_ms(self) -> float:
+        """Client send → ``step_done`` received, in milliseconds (what a player waits)."""
+        return (self.done_at - self.sent_at) * 1000.0
+
+    @property
+    def first_frame_ms(self) -> float:
+        """Client send → first frame of the step received, in milliseconds."""
+        first = self.packets[0].received_at if self.packets else self.done_at
+        return (first - self.sent_at) * 1000.0
+
+    @property
+    def network_ms(self) -> float:
+        """``latency_ms`` minus the server's ``server_ms``: transport and client overhead (ms)."""
+        return self.latency_ms - self.timing.server_ms
+
+    @property
+    def frame_times(self) -> list[float]:
+        """Arrival time of each frame, ``time.perf_counter()`` seconds."""
+        return [p.received_at for p in self.packets]
+
+    @property
+    def nbytes(self) -> int:
+        """Encoded payload bytes of all frames of the step."""
+        return sum(len(p.payload) for p in self.packets)
+
+    @property
+    def frames(self) -> list[np.ndarray]:
+        """Decoded frames, uint8 RGB ``[H, W, 3]`` each (decoded on first access, then cached)."""
+        if self._decoded is None:
+            self._decoded = [
+                decode_frame(p.header.codec, p.payload, p.header.width, p.header.height) for p in self.packets
+            ]
+        return self._decoded
+
+    def array(self) -> np.ndarray:
+        """The frames stacked as uint8 ``[T, H, W, 3]``."""
+        return np.stack(self.frames)
+
+
+@dataclass
+class _PendingStep:
+    step: int
+    action: Any
+    sent_at: float
+    future: asyncio.Future[StepResult]
+    packets: list[FramePacket] = field(default_factory=list)
+
+
+class AsyncStreamClient:
+    """Client of one dreamstream session (protocol v1) over one WebSocket.
+
+    ``url`` is the stream endpoint (``ws://host:port/v1/stream``; ``host:port`` is accepted).
+    ``token`` is sent as ``Authorization: Bearer``. ``max_inflight`` caps outstanding steps on the
+    client side (default: the server's ``ready.max_inflight``; a larger value is clamped unless
+    ``enforce_inflight=False``, which exists to test the server). Timeouts are in seconds.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        max_inflight: int | None = None,
+        enforce_inflight: bool = True,
+        open_timeout_s: float = 10.0,
+        request_timeout_s: float = 30.0,
+        step_timeout_s: float | None = 60.0,
+        max_message_bytes: int = 64 * 2**20,
+    ) -> None:
+        self.url = stream_url(url)
+        self.token = token
+        self.requested_inflight = max_inflight
+        self.enforce_inflight = enforce_inflight
+        self.open_timeout_s = open_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.step_timeout_s = step_timeout_s
+        self.max_message_bytes = max_message_bytes
+
+        self.ready: ReadyMessage | None = None
+        """The last ``ready`` (from start or resume)."""
+        self.next_step = 0
+        """Index the next submitted step will carry."""
+        self.errors: list[StreamError] = []
+        """Server errors that were not about any outstanding request (e.g. ``idle_timeout``)."""
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.frames_received = 0
+        self.bytes_received = 0
+        self.connected_at: float | None = None
+        """``time.perf_counter()`` seconds when the last connection opened."""
+
+        self._ws: ClientConnection | None = None
+        self._recv_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, _PendingStep] = {}
+        self._control: asyncio.Future[Any] | None = None
+        self._control_kind = ""
+        self._pings: dict[str, asyncio.Future[float]] = {}
+        self._ping_ids = itertools.count()
+        self._slots: asyncio.Semaphore | None = None
+        self._order: deque[asyncio.Future[StepResult]] = deque()
+        self._fatal: StreamError | None = None
+        self._send_lock: asyncio.Lock | None = None
+
+    # ---- connection --------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Whether the WebSocket is open and its receive task is running."""
+        return self._ws is not None and self._recv_task is not None and not self._recv_task.done()
+
+    @property
+    def session_id(self) -> str | None:
+        return self.ready.session_id if self.ready else None
+
+    @property
+    def resume_token(self) -> str | None:
+        return self.ready.resume_token if self.ready else None
+
+    @property
+    def inflight(self) -> int:
+        """Steps sent whose ``step_done`` (or error) has not arrived yet."""
+        return len(self._pending)
+
+    @property
+    def max_inflight(self) -> int:
+        """Outstanding steps allowed by this client (``1`` before ``ready``)."""
+        server = self.ready.max_inflight if self.ready else 1
+        if self.requested_inflight is None:
+            return server
+        if self.enforce_inflight:
+            return max(1, min(self.requested_inflight, server))
+        return max(1, self.requested_inflight)
+
+    async def connect(self) -> None:
+        """Open the WebSocket. Raises :class:`HandshakeError` if refused or unreachable."""
+        if self.connected:
+            return
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        try:
+            ws = await connect(
+                self.url,
+                additional_headers=headers,
+                compression=None,
+                max_size=self.max_message_bytes,
+                max_queue=1024,
+                open_timeout=self.open_timeout_s,
+                proxy=None,
+                user_agent_header="dreamstream-client/1",
+            )
+        except websockets.exceptions.InvalidStatus as exc:
+            status = exc.response.status_code
+            raise HandshakeError(self.url, status, f"HTTP {status}") from exc
+        except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
+            raise HandshakeError(self.url, None, f"{type(exc).__name__}: {exc}") from exc
+        self._ws = ws
+        self._fatal = None
+        self.close_code, self.close_reason = None, ""
+        self.connected_at = time.perf_counter()
+        self._send_lock = asyncio.Lock()
+        self._recv_task = asyncio.create_task(self._receive_loop(ws), name="dreamstream-recv")
+
+    async def close(self) -> None:
+        """Close the WebSocket (without ``end``: the session stays resumable on the server)."""
+        ws, task = self._ws, self._recv_task
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=5.0)
+        self._ws = None
+
+    async def drop(self) -> None:
+        """Abort the TCP connection without a close handshake (simulates a network drop)."""
+        ws = self._ws
+        if ws is not None:
+            ws.transport.abort()
+        if self._recv_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._recv_task, timeout=5.0)
+
+    async def __aenter__(self) -> AsyncStreamClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.connected and self.ready is not None:
+            with contextlib.suppress(ClientError, asyncio.TimeoutError):
+                await self.end()
+        await self.close()
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def start(
+        self,
+        *,
+        pipeline: str | None = None,
+        seed: int | None = None,
+        codec: CodecName | None = None,
+        quality: int | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> ReadyMessage:
+        """Start a session (connecting first if needed); returns the server's ``ready``."""
+        msg: dict[str, Any] = {"type": "start"}
+        for key, value in (
+            ("pipeline", pipeline),
+            ("seed", seed),
+            ("codec", codec),
+            ("quality", quality),
+            ("options", options),
+        ):
+            if value is not None:
+                msg[key] = value
+        return await self._handshake_request("start", msg)
+
+    async def resume(
+        self,
+        session_id: str | None = None,
+        resume_token: str | None = None,
+        *,
+        attempts: int = 1,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 5.0,
+    ) -> ReadyMessage:
+        """Continue a session after a dropped connection (reconnecting if needed).
+
+        Defaults to the session of the last ``ready``. Steps outstanding at the drop have failed
+        with :class:`ConnectionClosedError`; stepping continues at ``ready.next_step``. With
+        ``attempts > 1``, failed connections are retried after ``backoff_s`` seconds, doubling up
+        to ``max_backoff_s``. Raises :class:`StreamError` ``unknown_session`` once the server's
+        resume window is over (not retried).
+        """
+        sid = session_id or self.session_id
+        token = resume_token or self.resume_token
+        if not sid or not token:
+            raise NotConnectedError("resume() needs a session: call start() first or pass ids")
+        if self.connected and self.ready is not None and sid == self.session_id:
+            await self.close()  # a live connection already drives this session: start over
+        msg = {"type": "resume", "session_id": sid, "resume_token": token}
+        delay = backoff_s
+        for _ in range(1, attempts):
+            try:
+                return await self._handshake_request("resume", msg)
+            except (HandshakeError, ConnectionClosedError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_backoff_s)
+        return await self._handshake_request("resume", msg)  # the last (or only) attempt
+
+    async def _handshake_request(self, kind: str, msg: dict[str, Any]) -> ReadyMessage:
+        await self.connect()
+        raw = await self._request(kind, msg)
+        try:
+            ready = ReadyMessage.model_validate(raw)
+        except ValidationError as exc:
+            raise ProtocolViolation(f"malformed ready message: {exc}") from exc
+        self.ready = ready
+        self.next_step = ready.next_step
+        self._slots = asyncio.Semaphore(self.max_inflight)
+        return ready
+
+    async def _request(self, kind: str, msg: dict[str, Any]) -> Any:
+        if self._control is not None and not self._control.done():
+            raise NotConnectedError(f"cannot send {kind!r} while {self._control_kind!r} is pending")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._control, self._control_kind = fut, kind
+        await self.send_json(msg)
+        try:
+            return await asyncio.wait_for(fut, timeout=self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(f"no answer to {kind!r} within {self.request_timeout_s:.1f} s") from None
+        finally:
+            self._control = None
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        """Send one text message as-is (low level; used by tests to send invalid messages)."""
+        await self.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def send_text(self, text: str | bytes) -> None:
+        """Send raw text (or binary, if ``bytes``) on the socket (low level)."""
+        if not self.connected or self._ws is None or self._send_lock is None:
+            raise self._closed_error("not connected")
+        try:
+            async with self._send_lock:
+                await self._ws.send(text)
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise self._closed_error(f"send failed: {exc}") from exc
+
+    async def submit(self, action: Any = None, *, track: bool = True) -> asyncio.Future[StepResult]:
+        """Send the next step once fewer than ``max_inflight`` are outstanding.
+
+        Returns a future that resolves to the :class:`StepResult` or raises a
+        :class:`ClientError`. With ``track`` the future is also queued for
+        ``async for result in client`` (pass ``track=False`` if you only use the future).
+        """
+        fut = await self._submit(action)
+        if track:
+            self._order.append(fut)
+        return fut
+
+    async def _submit(self, action: Any) -> asyncio.Future[StepResult]:
+        if self.ready is None or self._slots is None:
+            raise NotConnectedError("step before start(): call start() or resume() first")
+        slots = self._slots
+        await slots.acquire()
+        if not self.connected:
+            slots.release()
+            raise self._closed_error("not connected")
+        k = self.next_step
+        fut: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+
+        def on_done(f: asyncio.Future[StepResult]) -> None:
+            slots.release()
+            if not f.cancelled():
+                f.exception()  # mark retrieved: failures are reported to whoever awaits
+
+        fut.add_done_callback(on_done)
+        pending = _PendingStep(k, action, time.perf_counter(), fut)
+        self._pending[k] = pending
+        self.next_step = k + 1
+        msg = {"type": "step", "step": k, "action": action, "client_ts": time.time() * 1000.0}
+        try:
+            pending.sent_at = time.perf_counter()
+            await self.send_json(msg)
+        except ClientError as exc:
+            self._pending.pop(k, None)
+            self.next_step = min(self.next_step, k)
+            if not fut.done():
+                fut.set_exception(exc)
+            raise
+        return fut
+
+    async def step(self, action: Any = None) -> StepResult:
+        """Send one step and wait for its frames and ``step_done`` (``step_timeout_s``)."""
+        return await self._await_step(await self._submit(action))
+
+    async def run(
+        self, actions: Iterable[Any] | AsyncIterable[Any], *, inflight: int | None = None
+    ) -> AsyncIterator[StepResult]:
+        """Pipelined stepping: send ``actions`` keeping up to ``inflight`` steps outstanding.
+
+        Yields each :class:`StepResult` in step order as soon as it completes; the first failed
+        step raises its error (outstanding steps are then left to complete or fail).
+        """
+        window = max(1, min(inflight or self.max_inflight, self.max_inflight))
+        queue: deque[asyncio.Future[StepResult]] = deque()
+        source = actions.__aiter__() if isinstance(actions, AsyncIterable) else iter(actions)
+        exhausted = False
+        while True:
+            while not exhausted and len(queue) < window:
+                try:
+                    if isinstance(source, AsyncIterator):
+                        action = await source.__anext__()
+                    else:
+                        action = next(source)
+                except (StopIteration, StopAsyncIteration):
+                    exhausted = True
+                    break
+                queue.append(await self._submit(action))
+            if not queue:
+                return
+            yield await self._await_step(queue.popleft())
+
+    async def _await_step(self, fut: asyncio.Future[StepResult]) -> StepResult:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=self.step_timeout_s)
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(f"no step_done within {self.step_timeout_s} s") from None
+
+    def __aiter__(self) -> AsyncIterator[StepResult]:
+        return self
+
+    async def __anext__(self) -> StepResult:
+        """Next completed step among those sent with :meth:`submit` (ends when none is left)."""
+        if not self._order:
+            raise StopAsyncIteration
+        return await self._await_step(self._order.popleft())
+
+    async def ping(self, t: Any = None) -> float:
+        """Round trip of a protocol ``ping`` → ``pong``, in milliseconds."""
+        ident = f"{next(self._ping_ids)}:{t!r}" if t is not None else str(next(self._ping_ids))
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[ident] = fut
+        t0 = time.perf_counter()
+        try:
+            await self.send_json({"type": "ping", "t": ident})
+            received_at = await asyncio.wait_for(fut, timeout=self.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise StepTimeoutError(f"no pong within {self.request_timeout_s:.1f} s") from None
+        finally:
+            self._pings.pop(ident, None)
+        return (received_at - t0) * 1000.0
+
+    async def end(self) -> None:
+        """End the session (the server frees it and closes the connection with 1000)."""
+        if not self.connected:
+            raise self._closed_error("not connected")
+        await self._request("end", {"type": "end"})
+        self.ready = None
+        await self.close()
+
+    # ---- receiving ---------------------------------------------------------------------------
+    def _closed_error(self, cause: str) -> ClientError:
+        if self._fatal is not None:
+            return self._fatal
+        return ConnectionClosedError(self.close_code, self.close_reason, cause=cause)
+
+    async def _receive_loop(self, ws: ClientConnection) -> None:
+        try:
+            async for message in ws:
+                now = time.perf_counter()
+                if isinstance(message, bytes):
+                    self._on_binary(message, now)
+                else:
+                    self._on_text(message, now)
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        except Exception as exc:  # a bug or protocol violation: fail everything loudly
+            self._fail_all(ProtocolViolation(f"receive loop failed: {type(exc).__name__}: {exc}"))
+            with contextlib.suppress(Exception):
+                await ws.close(code=1002)
+            raise
+        finally:
+            self.close_code = ws.close_code
+            self.close_reason = ws.close_reason or ""
+            self._fail_all(self._closed_error("connection lost"))
+            if self._ws is ws:
+                self._ws = None
+
+    def _fail_all(self, exc: ClientError) -> None:
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(exc)
+            self.next_step = min(self.next_step, p.step)
+        for fut in [self._control, *self._pings.values()]:
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        for fut in self._order:  # mark retrieved so unobserved failures do not warn
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+
+    def _on_binary(self, data: bytes, now: float) -> None:
+        try:
+            header = FrameHeader.unpack(data)
+        except ValueError as exc:
+            raise ProtocolViolation(f"bad binary message: {exc}") from exc
+        pending = self._pending.get(header.step)
+        if pending is None:
+            raise ProtocolViolation(f"frame for step {header.step}, which is not outstanding")
+        pending.packets.append(FramePacket(header, data[FrameHeader.SIZE :], now))
+        self.frames_received += 1
+        self.bytes_received += len(data)
+
+    def _on_text(self, text: str, now: float) -> None:
+        try:
+            msg = json.loads(text)
+            kind = msg["type"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProtocolViolation(f"server sent a malformed text message: {text[:200]!r}") from exc
+        if kind == "step_done":
+            self._on_step_done(StepDoneMessage.model_validate(msg), now)
+        elif kind == "error":
+            self._on_error(ErrorMessage.model_validate(msg))
+        elif kind == "ready":
+            self._resolve_control(("start", "resume"), msg)
+        elif kind == "pong":
+            pong = PongMessage.model_validate(msg)
+            fut = self._pings.get(str(pong.t))
+            if fut is not None and not fut.done():
+                fut.set_result(now)
+        elif kind == "ended":
+            EndedMessage.model_validate(msg)
+            self._resolve_control(("end",), msg)
+        else:
+            raise ProtocolViolation(f"unknown server message type {kind!r}")
+
+    def _resolve_control(self, kinds: tuple[str, ...], msg: Any) -> None:
+        fut = self._control
+        if fut is None or fut.done() or self._control_kind not in kinds:
+            raise ProtocolViolation(f"unexpected {msg.get('type')!r} message (no request pending)")
+        fut.set_result(msg)
+
+    def _on_step_done(self, msg: StepDoneMessage, now: float) -> None:
+        pending = self._pending.pop(msg.step, None)
+        if pending is None:
+            raise ProtocolViolation(f"step_done for step {msg.step}, which is not outstanding")
+        if len(pending.packets) != msg.frames:
+            exc: ClientError = ProtocolViolation(
+                f"step {msg.step}: step_done says {msg.frames} frames, received {len(pending.packets)}"
+            )
+            pending.future.set_exception(exc)
+            return
+        result = StepResult(pending.step, pending.action, pending.packets, pending.sent_at, now, msg.timing)
+        if not pending.future.done():
+            pending.future.set_result(result)
+
+    def _on_error(self, msg: ErrorMessage) -> None:
+        err = StreamError(msg.code, msg.message, fatal=msg.fatal, step=msg.step)
+        if msg.fatal:
+            self._fatal = err
+            self._fail_all(err)
+            self.errors.append(err)
+            return
+        target: _PendingStep | None = None
+        if msg.step is not None:
+            target = self._pending.get(msg.step)
+        elif msg.code in STEP_ERROR_CODES and self._pending:
+            target = self._pending[max(self._pending)]
+        if target is not None:
+            del self._pending[target.step]
+            self.next_step = min(self.next_step, target.step)  # the session did not advance
+            if not target.future.done():
+                target.future.set_exception(err)
+            return
+        if self._control is not None and not self._control.done():
+            self._control.set_exception(err)
+            return
+        self.errors.append(err)

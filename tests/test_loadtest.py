@@ -1,0 +1,121 @@
+"""``dreamstream loadtest`` and :func:`run_loadtest` end to end against a synthetic server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from clients.loadtest import LoadTestConfig, run_loadtest
+from clients.loadtest.cli import main
+from tests.conftest import RunningServer, ServerFactory
+
+MAX_SESSIONS = 4
+
+
+@pytest.fixture(scope="module")
+def server(module_server_factory: ServerFactory) -> RunningServer:
+    return module_server_factory(max_sessions=MAX_SESSIONS, pipeline_overrides={"generate_ms": 2})
+
+
+def test_paced_run_measures_every_session(server: RunningServer) -> None:
+    seen: list[int] = []
+    config = LoadTestConfig(
+        url=server.ws_url, sessions=3, steps=10, shape="paced", target_fps=40.0, think_ms=5.0
+    )
+    report = run_loadtest(config, progress=seen.append)
+    assert report.ok, [s.error for s in report.per_session]
+    assert sum(seen) == 30
+    assert (report.sessions, report.steps, report.frames) == (3, 30, 30)
+    assert report.step_latency.count == 30 and report.step_latency.p50_ms is not None
+    assert report.time_to_first_frame.count == 3
+    assert report.inter_frame_gap.count == 3 * 9
+    for s in report.per_session:
+        assert s.ok and s.stats.steps == 10 and s.session_id
+        assert s.stats.deadline_ms == pytest.approx(25.0)
+        # paced at 40 fps: 10 steps take at least 9 periods
+        assert s.stats.duration_s >= 9 / 40 - 0.01
+        assert s.stats.frames_per_s <= 40 * 1.3
+    assert report.errors_by_code == {}
+
+
+def test_saturating_cli_writes_report_events_and_plot(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "--url",
+            server.ws_url,
+            "-n",
+            "2",
+            "--steps",
+            "15",
+            "--shape",
+            "saturating",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--decode",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "step latency" in out and "deadline misses" in out and "viewer" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] is True and report["steps"] == 30
+    for key in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"):
+        assert report["step_latency"][key] is not None
+    assert report["rates"]["aggregate_frames_per_s"] > 0
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"connect", "ready", "step", "end"} <= kinds
+    assert sum(e["event"] == "step" for e in events) == 30
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_failed_sessions_make_the_exit_status_non_zero(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "--url",
+            server.ws_url,
+            "-n",
+            "2",
+            "--steps",
+            "6",
+            "--options",
+            '{"fail_at_step": 3}',
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--no-plot",
+        ]
+    )
+    assert rc == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sessions_failed"] == 2 and report["errors_by_code"] == {"internal": 2}
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_sessions_beyond_capacity_fail_with_overloaded(server: RunningServer) -> None:
+    config = LoadTestConfig(url=server.ws_url, sessions=MAX_SESSIONS + 1, steps=12, target_fps=30.0)
+    report = run_loadtest(config)
+    assert report.sessions_failed == 1 and report.sessions_ok == MAX_SESSIONS
+    assert report.errors_by_code == {"overloaded": 1}
+
+
+def test_several_processes(server: RunningServer) -> None:
+    seen: list[int] = []
+    config = LoadTestConfig(url=server.ws_url, sessions=2, steps=5, shape="saturating", processes=2)
+    report = run_loadtest(config, progress=seen.append)
+    assert report.ok and report.steps == 10 and sum(seen) == 10
+    assert [s.index for s in report.per_session] == [0, 1]
+
+
+def test_script_that_does_not_fit_the_schema_fails_the_sessions(server: RunningServer) -> None:
+    config = LoadTestConfig(url=server.ws_url, sessions=2, steps=3, actions="up,left")
+    report = run_loadtest(config)
+    assert report.sessions_failed == 2 and report.errors_by_code == {"bad_script": 2}
+    assert "JSON objects" in (report.per_session[0].error or "")
