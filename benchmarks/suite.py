@@ -64,10 +64,22 @@ def serving(cfg: SuiteConfig, mode: str, extra: list[str] | None = None) -> Iter
     """A server for ``mode`` with the suite's pipeline, up to 64 sessions, 2 steps in flight."""
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     args = [
-        "--pipeline", cfg.pipeline, "--device", cfg.device, "--max-sessions", "64",
-        "--max-inflight", "2", "--idle-timeout", "120", "--log-level", "WARNING",
-        *cfg.set_args(), *MODES[mode], *(extra or []),
-    ]  # fmt: skip
+        "--pipeline",
+        cfg.pipeline,
+        "--device",
+        cfg.device,
+        "--max-sessions",
+        "64",
+        "--max-inflight",
+        "2",
+        "--idle-timeout",
+        "120",
+        "--log-level",
+        "WARNING",
+        *cfg.set_args(),
+        *MODES[mode],
+        *(extra or []),
+    ]
     with ServerProcess(args, log_path=cfg.log_dir / f"server-{mode}.log") as srv:
         yield srv
 
@@ -127,13 +139,13 @@ def bench_overhead(cfg: SuiteConfig) -> BenchResult:
                 "encode_ms": None,
                 "server_ms": remote.server_time.p50_ms,
             },
-        ],  # fmt: skip
+        ],
         {
             "ratio (WebSocket / in-process)": round(ratio, 3),
             "target": "<= 1.10 (goal 1.05)",
             "met": ratio <= 1.10,
             "think_ms": round(think, 2),
-        },  # fmt: skip
+        },
     )
 
 
@@ -162,7 +174,7 @@ def bench_finalize_hiding(cfg: SuiteConfig) -> BenchResult:
             "target": "<= 1.10",
             "met": hidden <= 1.10,
             "naive / dreamstream": round(lat["naive"] / lat["dreamstream"], 3),
-        },  # fmt: skip
+        },
     )
 
 
@@ -174,25 +186,43 @@ def bench_scaling(cfg: SuiteConfig) -> tuple[BenchResult, BenchResult]:
         with serving(cfg, mode) as srv:
             for shape in ("saturating", "paced"):
                 for n in cfg.session_counts:
-                    kw: dict[str, Any] = {"sessions": n, "steps": None, "duration_s": cfg.scaling_duration_s,
-                                          "shape": shape, "seed": n, "ramp_s": 0.0}  # fmt: skip
+                    kw: dict[str, Any] = {
+                        "sessions": n,
+                        "steps": None,
+                        "duration_s": cfg.scaling_duration_s,
+                        "shape": shape,
+                        "seed": n,
+                        "ramp_s": 0.0,
+                    }
                     kw.update({"inflight": 2} if shape == "saturating" else {"target_fps": 15.0})
                     rep, busy = load(srv, **kw)
                     rates = rep.rates
                     spread = rates.per_session_max / rates.per_session_min if rates.per_session_min else None
-                    rows.append({
-                        "mode": mode, "shape": shape, "sessions": n,
-                        "agg_fps": rates.aggregate_frames_per_s,
-                        "fps_spread_max_min": spread,
-                        "lat_p50_ms": rep.step_latency.p50_ms, "lat_p99_ms": rep.step_latency.p99_ms,
-                        "miss_rate": rep.deadline_miss_rate if shape == "paced" else None,
-                        "busy": busy,
-                    })  # fmt: skip
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "shape": shape,
+                            "sessions": n,
+                            "agg_fps": rates.aggregate_frames_per_s,
+                            "fps_spread_max_min": spread,
+                            "lat_p50_ms": rep.step_latency.p50_ms,
+                            "lat_p99_ms": rep.step_latency.p99_ms,
+                            "miss_rate": rep.deadline_miss_rate if shape == "paced" else None,
+                            "busy": busy,
+                        }
+                    )
                     if mode == "dreamstream" and shape == "paced" and n == 1:
-                        ttff.append({"ttff_ms_p50": rep.time_to_first_frame.p50_ms,
-                                     "step_ms_p50": rep.step_latency.p50_ms})  # fmt: skip
-                    print(f"  scaling {mode:12s} {shape:10s} N={n:<3d} {rates.aggregate_frames_per_s:8.1f} fps "
-                          f"p50 {rep.step_latency.p50_ms} ms busy {busy:.2f}", flush=True)  # fmt: skip
+                        ttff.append(
+                            {
+                                "ttff_ms_p50": rep.time_to_first_frame.p50_ms,
+                                "step_ms_p50": rep.step_latency.p50_ms,
+                            }
+                        )
+                    print(
+                        f"  scaling {mode:12s} {shape:10s} N={n:<3d} {rates.aggregate_frames_per_s:8.1f} fps "
+                        f"p50 {rep.step_latency.p50_ms} ms busy {busy:.2f}",
+                        flush=True,
+                    )
     headline = _scaling_headline(rows)
     t = ttff[0] if ttff else {"ttff_ms_p50": None, "step_ms_p50": None}
     ratio = (t["ttff_ms_p50"] / t["step_ms_p50"]) if t["ttff_ms_p50"] and t["step_ms_p50"] else None
@@ -204,7 +234,7 @@ def bench_scaling(cfg: SuiteConfig) -> tuple[BenchResult, BenchResult]:
             "ttff / step latency": round(ratio, 3) if ratio else None,
             "target": "<= 2",
             "met": bool(ratio and ratio <= 2.0),
-        },  # fmt: skip
+        },
     )
     return BenchResult("scaling", "Scaling: sessions × load shape × server mode", rows, headline), ttff_res
 
