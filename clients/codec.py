@@ -18,6 +18,7 @@ import numpy as np
 import simplejpeg
 
 from clients.errors import ProtocolViolation
+from pipeline.png import decode_png as decode_png_zlib
 from server.protocol import Codec
 
 _PILImage: Any
@@ -25,8 +26,6 @@ try:  # optional: better GIF palettes, faster PNG
     from PIL import Image as _PILImage
 except ImportError:  # pragma: no cover - exercised only without Pillow
     _PILImage = None
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def decode_frame(codec: Codec, payload: bytes | memoryview, width: int, height: int) -> np.ndarray:
@@ -57,86 +56,13 @@ def decode_frame(codec: Codec, payload: bytes | memoryview, width: int, height: 
 
 # ---- PNG -------------------------------------------------------------------------------------
 def decode_png(data: bytes) -> np.ndarray:
-    """Decode an 8-bit, non-interlaced PNG to uint8 RGB ``[H, W, 3]`` (alpha dropped)."""
+    """Decode an 8-bit, non-interlaced PNG to uint8 RGB ``[H, W, 3]`` (alpha dropped).
+
+    Pillow when installed (faster), else :func:`pipeline.png.decode_png`."""
     if _PILImage is not None:
         with _PILImage.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
     return decode_png_zlib(data)
-
-
-def decode_png_zlib(data: bytes) -> np.ndarray:
-    """Pure numpy/zlib PNG decoder used when Pillow is missing (same contract as decode_png)."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise ValueError("not a PNG (bad signature)")
-    pos, idat = len(PNG_SIGNATURE), []
-    width = height = channels = 0
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IHDR":
-            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
-            channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(color, 0)
-            if depth != 8 or channels == 0 or interlace:
-                raise ValueError(f"unsupported PNG (depth {depth}, color {color}, interlace)")
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
-    stride = width * channels
-    rows = raw.reshape(height, stride + 1)
-    out = np.zeros((height, stride), dtype=np.uint8)
-    prev = np.zeros(stride, dtype=np.uint8)
-    for y in range(height):
-        filt, line = rows[y, 0], rows[y, 1:].copy()
-        if filt == 1:
-            for x in range(channels, stride):
-                line[x] = (int(line[x]) + int(line[x - channels])) & 0xFF
-        elif filt == 2:
-            line = (line + prev).astype(np.uint8)
-        elif filt == 3:
-            for x in range(stride):
-                left = int(line[x - channels]) if x >= channels else 0
-                line[x] = (int(line[x]) + ((left + int(prev[x])) >> 1)) & 0xFF
-        elif filt == 4:
-            for x in range(stride):
-                a = int(line[x - channels]) if x >= channels else 0
-                b = int(prev[x])
-                c = int(prev[x - channels]) if x >= channels else 0
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-                line[x] = (int(line[x]) + pred) & 0xFF
-        elif filt != 0:
-            raise ValueError(f"bad PNG filter type {filt}")
-        out[y] = line
-        prev = line
-    img = out.reshape(height, width, channels)
-    if channels == 1:
-        return np.repeat(img, 3, axis=2)
-    if channels == 2:
-        return np.repeat(img[:, :, :1], 3, axis=2)
-    return np.ascontiguousarray(img[:, :, :3])
-
-
-def encode_png(img: np.ndarray, level: int = 6) -> bytes:
-    """Encode uint8 RGB ``[H, W, 3]`` as PNG bytes (filter type 0)."""
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"encode_png needs uint8 [H, W, 3], got {img.dtype} {img.shape}")
-    h, w, _ = img.shape
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        PNG_SIGNATURE
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
-        + chunk(b"IEND", b"")
-    )
 
 
 # ---- GIF -------------------------------------------------------------------------------------

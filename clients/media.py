@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.codec import contact_sheet, encode_gif, encode_png
+from clients.codec import contact_sheet, encode_gif
+from pipeline.png import encode_png
 
 
 def upscale(frame: np.ndarray, scale: int) -> np.ndarray:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +18,6 @@ from pydantic import BaseModel
 
 from pipeline.overrides import parse_overrides
 from pipeline.registry import DEFAULT_PIPELINE, load_pipeline
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Write a uint8 RGB ``[H, W, 3]`` image as PNG (no imaging library needed)."""
-    img = np.ascontiguousarray(image, dtype=np.uint8)
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        body = tag + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
-def contact_sheet(frames: list[np.ndarray], columns: int = 10, scale: int = 2) -> np.ndarray:
-    """Tile ``[H, W, 3]`` frames into one image, ``columns`` per row, upscaled ``scale``×."""
-    h, w, _ = frames[0].shape
-    rows = (len(frames) + columns - 1) // columns
-    sheet = np.zeros((rows * h, columns * w, 3), np.uint8)
-    for i, f in enumerate(frames):
-        r, c = divmod(i, columns)
-        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = f
-    return sheet.repeat(scale, 0).repeat(scale, 1)
 
 
 def random_action(model: type[BaseModel], rng: random.Random) -> dict[str, Any] | None:
@@ -90,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from loguru import logger
 
+    from clients.media import save_contact_sheet
+
     logger.remove()
     logger.add(sys.stderr, level="INFO")
     overrides = parse_overrides(args.set)
@@ -111,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         step_stats = pipe.finalize(k, cache)
         if step_stats:
             stats.append(step_stats)
-    write_png(args.out, contact_sheet(frames))
+    save_contact_sheet(frames, args.out, columns=10, scale=2, max_frames=len(frames))
     print(f"{args.pipeline}: {args.steps} steps, {len(frames)} frames -> {args.out}")
     if stats:
         keys = [k for k in stats[0] if k.endswith("_ms")]

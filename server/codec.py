@@ -1,4 +1,4 @@
-"""Frame codecs: uint8 RGB ``[H, W, 3]`` → bytes (JPEG via simplejpeg, PNG via zlib, raw RGB24).
+"""Frame codecs: uint8 RGB ``[H, W, 3]`` → bytes (JPEG via simplejpeg, PNG, raw RGB24).
 
 Encoding is CPU work; :class:`FrameCodec` runs it on its own small thread pool so the event loop
 never does it (simplejpeg and zlib release the GIL while they work).
@@ -7,9 +7,7 @@ never does it (simplejpeg and zlib release the GIL while they work).
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -17,6 +15,7 @@ from typing import Protocol, Union
 import numpy as np
 import simplejpeg
 
+from pipeline.png import encode_png
 from server.protocol import Codec
 
 
@@ -41,26 +40,6 @@ def _check_frame(frame: np.ndarray) -> np.ndarray:
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
     """JPEG (4:2:0) of one frame at ``quality`` 1..100."""
     return bytes(simplejpeg.encode_jpeg(_check_frame(frame), quality=quality, colorspace="RGB"))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    body = kind + data
-    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
-
-
-def encode_png(frame: np.ndarray, level: int = 1) -> bytes:
-    """Lossless PNG (8-bit RGB, filter 0 on every row) of one frame; ``level`` is zlib's 0..9."""
-    arr = _check_frame(frame)
-    h, w, _ = arr.shape
-    rows = np.zeros((h, 1 + w * 3), dtype=np.uint8)
-    rows[:, 1:] = arr.reshape(h, w * 3)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def encode_raw(frame: np.ndarray) -> bytes:

@@ -34,7 +34,6 @@ import json
 import subprocess
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +42,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import simplejpeg
 import websockets
 
+from clients.codec import decode_frame as client_decode_frame
 from server.process import ServerProcess, ServerStartError
-from server.protocol import Codec, FrameHeader
+from server.protocol import FrameHeader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECV_TIMEOUT_S = 15.0
@@ -189,33 +188,9 @@ def module_server_factory() -> Iterator[ServerFactory]:
 
 
 # ---- protocol client helpers -------------------------------------------------------------------
-def _png_decode(data: bytes) -> np.ndarray:
-    """Minimal PNG decoder for 8-bit RGB with filter 0 rows (what the server writes)."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG")
-    pos, width, height, idat = 8, 0, 0, b""
-    while pos < len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            width, height = int.from_bytes(body[:4], "big"), int.from_bytes(body[4:8], "big")
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * 3)
-    if rows[:, 0].any():
-        raise ValueError("PNG rows use filters other than 0; this test decoder only knows 0")
-    return rows[:, 1:].reshape(height, width, 3).copy()
-
-
 def decode_frame(header: FrameHeader, payload: bytes) -> np.ndarray:
-    """A frame's payload → uint8 ``[H, W, 3]``."""
-    if header.codec is Codec.RAW:
-        return np.frombuffer(payload, np.uint8).reshape(header.height, header.width, 3)
-    if header.codec is Codec.JPEG:
-        return np.asarray(simplejpeg.decode_jpeg(payload, colorspace="RGB"))
-    return _png_decode(payload)
+    """A frame's payload → uint8 ``[H, W, 3]`` (the Python client's decoder)."""
+    return client_decode_frame(header.codec, payload, header.width, header.height)
 
 
 @dataclass

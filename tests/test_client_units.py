@@ -16,12 +16,14 @@ from pydantic import BaseModel
 
 import clients.codec as codec_mod
 from clients.actions import RandomPolicy, enum_property, make_policy, parse_script
-from clients.codec import contact_sheet, decode_frame, decode_png_zlib, encode_gif, encode_png
+from clients.codec import contact_sheet, decode_frame, encode_gif
 from clients.errors import HandshakeError, ProtocolViolation, StreamError
 from clients.loadtest.core import LoadTestConfig, SessionResult, build_report
 from clients.loadtest.report import format_report, plot_report
 from clients.metrics import Histogram, SessionRecorder, simulate_viewer
 from clients.stream import FramePacket, StepResult, stream_url
+from pipeline.png import decode_png as decode_png_zlib
+from pipeline.png import encode_png
 from pipeline.synthetic import SyntheticAction
 from server.protocol import Codec, ErrorCode, FrameHeader, StepTiming
 
