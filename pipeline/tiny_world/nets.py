@@ -125,9 +125,7 @@ class DynamicsConfig:
         if self.latent_size % self.patch:
             raise ConfigError(f"latent_size {self.latent_size} not divisible by patch {self.patch}")
         if self.d_model % self.heads or (self.d_model // self.heads) % 2:
-            raise ConfigError(
-                f"d_model {self.d_model} must split into {self.heads} heads of even size"
-            )
+            raise ConfigError(f"d_model {self.d_model} must split into {self.heads} heads of even size")
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
 
@@ -265,7 +263,7 @@ class DynamicsTransformer(nn.Module):
     # ---- building blocks ------------------------------------------------------------------
     def condition(self, sigma: Tensor, action: Tensor) -> Tensor:
         """Per-frame condition ``[B, F, d]`` from noise levels and actions ``[B, F]``."""
-        emb = timestep_embedding(sigma).to(self.sigma_mlp[0].weight.dtype)
+        emb = timestep_embedding(sigma).to(self.inp.weight.dtype)
         return F.silu(self.sigma_mlp(emb) + self.action_emb(action))
 
     def _rope(self, frame_slots: Tensor) -> tuple[Tensor, Tensor]:
@@ -354,9 +352,7 @@ class DynamicsTransformer(nn.Module):
         if n == 0:
             return None
         cos, sin = self._rope(torch.arange(n, device=cache.storage.device))
-        return [
-            (apply_rope(cache.keys(i), cos, sin), cache.values(i)) for i in range(self.config.layers)
-        ]
+        return [(apply_rope(cache.keys(i), cos, sin), cache.values(i)) for i in range(self.config.layers)]
 
     def forward_frame(
         self,

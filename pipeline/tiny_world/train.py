@@ -1,0 +1,843 @@
+"""Train the tiny world model from scratch: autoencoder, then dynamics, then export.
+
+    python -m pipeline.tiny_world.train --out runs/tiny_world
+
+Stages (each resumable from its latest checkpoint in ``--out``; finished stages are skipped):
+
+1. ``ae``: the conv autoencoder on random camera views of the training worlds.
+2. ``latents``: encode random camera walks into normalised latent trajectories.
+3. ``dyn``: the dynamics transformer with teacher forcing and context-noise augmentation
+   (clean context frames are noised to a random small level, as ``finalize`` does at inference).
+4. ``export``: fp16 safetensors + metadata JSON into ``--export-dir`` (the package by default).
+
+All randomness derives from ``--seed`` and the step number, so a resumed run continues exactly as
+an uninterrupted one. bf16 autocast is used on CPU and CUDA; CUDA is used when present. Progress
+goes to a tqdm bar and to ``OUT/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import ConfigError
+from pipeline.scheduler import FlowMatchEulerScheduler, FlowMatchEulerSchedulerConfig
+from pipeline.tiny_world.env import (
+    ACTION_DELTAS,
+    STEP_PX,
+    VIEW_PX,
+    make_maps,
+    sample_trajectories,
+)
+from pipeline.tiny_world.nets import (
+    Autoencoder,
+    AutoencoderConfig,
+    DynamicsConfig,
+    DynamicsTransformer,
+)
+from pipeline.tiny_world.weights import WEIGHTS_DIR, WeightsMeta, save_weights
+
+TRAIN_WORLD_SEEDS_START = 0
+"""Training worlds are seeds ``[0, num_worlds)``; evaluation uses seeds from ``EVAL_SEED_BASE``."""
+EVAL_SEED_BASE = 1_000_000
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run."""
+
+    out: Path = Path("runs/tiny_world")
+    """Run directory: checkpoints, latents, ``log.jsonl``."""
+    export_dir: Path | None = WEIGHTS_DIR
+    """Where the final weights go (``None``: do not export)."""
+    seed: int = 0
+    """Root seed of every random choice."""
+    num_worlds: int = 1024
+    """Training worlds (seeds ``0..num_worlds-1``)."""
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    """Autoencoder architecture."""
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    """Dynamics transformer architecture."""
+    ae_steps: int = 3000
+    """Autoencoder optimiser steps."""
+    ae_batch: int = 64
+    """Views per autoencoder step."""
+    ae_lr: float = 2e-3
+    """Peak autoencoder learning rate (cosine decay to 5 %)."""
+    ae_latent_noise: float = 0.05
+    """Gaussian noise added to latents before decoding in AE training (robust decoder)."""
+    ae_grad_loss: float = 1.0
+    """Weight of the image-gradient L1 loss (keeps edges and tree dots sharp)."""
+    num_trajectories: int = 6144
+    """Encoded camera walks for dynamics training."""
+    trajectory_length: int = 16
+    """Frames per encoded walk."""
+    dyn_steps: int = 3000
+    """Dynamics optimiser steps."""
+    dyn_batch: int = 32
+    """Sequences per dynamics step."""
+    dyn_frames: int = 8
+    """Frames per training sequence (teacher forcing on frames 1..T-1)."""
+    dyn_lr: float = 1e-3
+    """Peak dynamics learning rate (cosine decay to 10 %)."""
+    context_noise: float = 0.15
+    """Context frames are noised to ``U(0, context_noise)`` (90 % of the time) in training."""
+    ema_decay: float = 0.998
+    """EMA of the dynamics weights (the EMA is exported)."""
+    distill_steps: int = 600
+    """Few-step distillation steps after dynamics training (0: skip)."""
+    distill_batch: int = 16
+    """Sequences per distillation step."""
+    distill_lr: float = 1e-4
+    """Peak distillation learning rate."""
+    distill_teacher_steps: int = 8
+    """Euler steps of the teacher's samples."""
+    distill_student_steps: int = 2
+    """Euler steps the student is distilled for (the pipeline's default)."""
+    decoder_finetune_steps: int = 1000
+    """Decoder fine-tuning steps on generated latents after dynamics training (0: skip)."""
+    decoder_finetune_pairs: int = 4096
+    """(generated latent, real frame) pairs made for decoder fine-tuning."""
+    decoder_finetune_sampling_steps: int = 2
+    """Euler steps used to generate those latents (the pipeline's default)."""
+    decoder_finetune_context_noise: float = 0.05
+    """Context noise of those rollouts (the pipeline's default)."""
+    decoder_finetune_max_rollout: int = 12
+    """Rollouts for decoder fine-tuning run 1..this many AR steps."""
+    decoder_finetune_lr: float = 5e-4
+    """Peak learning rate of decoder fine-tuning."""
+    checkpoint_every: int = 250
+    """Steps between checkpoints (both stages)."""
+    log_every: int = 50
+    """Steps between log lines."""
+    amp: bool = True
+    """bf16 autocast."""
+    max_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Upper bound of intra-op threads; 1 or this many is chosen by measured speed."""
+
+    def __post_init__(self) -> None:
+        if self.dyn_frames < 2 or self.dyn_frames > self.trajectory_length:
+            raise ConfigError(
+                f"dyn_frames must be in [2, trajectory_length={self.trajectory_length}], "
+                f"got {self.dyn_frames}"
+            )
+
+
+def smoke_config(out: Path) -> TrainConfig:
+    """A seconds-long configuration exercising every stage (tests, CI)."""
+    return TrainConfig(
+        out=out,
+        export_dir=None,
+        num_worlds=4,
+        autoencoder=AutoencoderConfig(latent_channels=4, widths=(8, 8, 16)),
+        dynamics=DynamicsConfig(latent_channels=4, d_model=32, layers=1, heads=2, window=2),
+        ae_steps=6,
+        ae_batch=8,
+        num_trajectories=16,
+        trajectory_length=6,
+        dyn_steps=6,
+        dyn_batch=4,
+        dyn_frames=4,
+        distill_steps=3,
+        distill_batch=2,
+        decoder_finetune_steps=4,
+        decoder_finetune_pairs=8,
+        decoder_finetune_max_rollout=3,
+        checkpoint_every=3,
+        log_every=2,
+    )
+
+
+# ---------------------------------------------------------------------------- utilities
+
+
+class RunLog:
+    """Append-only JSONL log in the run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        record = {"time": round(time.time(), 2), **record}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ThreadTuner:
+    """Chooses the intra-op thread count by measured step time.
+
+    Other processes often share these few cores; then several OpenMP threads wait on each other
+    at every op and a step can get ten times slower, while one thread keeps its pace. Every
+    ``period`` steps each option is timed for ``window`` steps and the fastest is kept. (Thread
+    count changes floating-point reduction order, so a resumed run matches only up to rounding.)
+    """
+
+    def __init__(self, max_threads: int, window: int = 5, period: int = 250) -> None:
+        self.options = sorted({1, max(1, max_threads)})
+        self.window = window
+        self.period = period
+        self.times: dict[int, float] = {}
+        self.samples: list[float] = []
+        self.since_probe = 0
+        self.current = self.options[-1]
+        torch.set_num_threads(self.current)
+
+    def record(self, seconds: float) -> None:
+        """Report the duration of the step just run; may switch the thread count."""
+        self.samples.append(seconds)
+        self.since_probe += 1
+        if len(self.samples) < self.window:
+            return
+        self.times[self.current] = sorted(self.samples)[len(self.samples) // 2]
+        self.samples = []
+        if self.since_probe >= self.period:
+            self.times, self.since_probe = {}, 0
+        untried = [o for o in self.options if o not in self.times]
+        nxt = untried[0] if untried else min(self.times, key=self.times.__getitem__)
+        if nxt != self.current:
+            self.current = nxt
+            torch.set_num_threads(nxt)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _cosine(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / warmup)
+    frac = step / max(1, total)
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _to_unit(frames: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` → float ``[N, 3, H, W]`` in ``[-1, 1]``."""
+    x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------- stage 1: AE
+
+
+def _ae_batch(maps: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    frames, _ = sample_trajectories(maps, n, 1, rng)
+    return frames[:, 0]
+
+
+def _grad_l1(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    dy = (y[..., 1:, :] - y[..., :-1, :]) - (x[..., 1:, :] - x[..., :-1, :])
+    dx = (y[..., 1:] - y[..., :-1]) - (x[..., 1:] - x[..., :-1])
+    return dy.abs().mean() + dx.abs().mean()
+
+
+def train_autoencoder(cfg: TrainConfig, maps: np.ndarray, log: RunLog) -> Autoencoder:
+    device = _device()
+    torch.manual_seed(cfg.seed)
+    ae = Autoencoder(cfg.autoencoder).to(device)
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
+    ckpt = cfg.out / "ae.ckpt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        ae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    if start >= cfg.ae_steps:
+        return ae.eval()
+    x_val = _to_unit(_ae_batch(maps, 128, np.random.default_rng([cfg.seed, 1, 0])), device)
+    bar = tqdm(range(start, cfg.ae_steps), desc="autoencoder", initial=start, total=cfg.ae_steps)
+    tuner = ThreadTuner(cfg.max_threads)
+    t0 = time.time()
+    for step in bar:
+        t_step = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, cfg.ae_steps, cfg.ae_lr, 0.05, 100)
+        rng = np.random.default_rng([cfg.seed, 1, step + 1])
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
+        x = _to_unit(_ae_batch(maps, cfg.ae_batch, rng), device)
+        with _autocast(device, cfg.amp):
+            z = ae.encode(x)
+            noise = torch.randn(z.shape, generator=gen, device=device)
+            y = ae.decode(z + cfg.ae_latent_noise * noise.to(z.dtype))
+        y, z = y.float(), z.float()
+        loss = (
+            (y - x).abs().mean()
+            + (y - x).pow(2).mean()
+            + cfg.ae_grad_loss * _grad_l1(y, x)
+            + 1e-3 * z.pow(2).mean()
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tuner.record(time.perf_counter() - t_step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.ae_steps:
+            with torch.no_grad(), _autocast(device, cfg.amp):
+                mse = (ae.decode(ae.encode(x_val)).float().clamp(-1, 1) - x_val).pow(2).mean().item()
+            psnr = 10 * math.log10(4.0 / max(mse, 1e-10))
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
+            log.write(
+                stage="ae",
+                threads=tuner.current,
+                step=done,
+                loss=round(loss.item(), 5),
+                val_psnr=round(psnr, 3),
+                elapsed_s=round(time.time() - t0, 1),
+            )
+        if done % cfg.checkpoint_every == 0 or done == cfg.ae_steps:
+            _save_atomic({"model": ae.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+    return ae.eval()
+
+
+# ---------------------------------------------------------------------------- stage 2: latents
+
+
+@torch.no_grad()
+def encode_trajectories(
+    cfg: TrainConfig, maps: np.ndarray, ae: Autoencoder, log: RunLog
+) -> dict[str, torch.Tensor]:
+    """Normalised latent walks ``lat [N, T, C, S, S]``, actions ``[N, T]``, mean/std ``[C]``."""
+    path = cfg.out / "latents.pt"
+    if path.exists():
+        return torch.load(path)
+    device = _device()
+    rng = np.random.default_rng([cfg.seed, 2])
+    n, t = cfg.num_trajectories, cfg.trajectory_length
+    c, s = cfg.autoencoder.latent_channels, cfg.dynamics.latent_size
+    lat = torch.empty(n, t, c, s, s)
+    acts = torch.empty(n, t, dtype=torch.long)
+    chunk = 64
+    for i in tqdm(range(0, n, chunk), desc="encode"):
+        m = min(chunk, n - i)
+        frames, a = sample_trajectories(maps, m, t, rng)
+        x = _to_unit(frames.reshape(-1, *frames.shape[2:]), device)
+        with _autocast(device, cfg.amp):
+            z = ae.encode(x).float().cpu()
+        lat[i : i + m] = z.view(m, t, c, s, s)
+        acts[i : i + m] = torch.from_numpy(a)
+    mean = lat.mean(dim=(0, 1, 3, 4))
+    std = lat.std(dim=(0, 1, 3, 4)).clamp_min(1e-4)
+    lat = (lat - mean[:, None, None]) / std[:, None, None]
+    out = {"lat": lat, "acts": acts, "mean": mean, "std": std}
+    _save_atomic(out, path)
+    log.write(stage="latents", trajectories=n, mean=mean.tolist(), std=std.tolist())
+    return out
+
+
+# ---------------------------------------------------------------------------- stage 3: dynamics
+
+
+def _sample_sigma(n: int, gen: torch.Generator) -> torch.Tensor:
+    """70 % logit-normal, 30 % uniform noise levels."""
+    logit_normal = torch.sigmoid(torch.randn(n, generator=gen))
+    uniform = torch.rand(n, generator=gen)
+    return torch.where(torch.rand(n, generator=gen) < 0.7, logit_normal, uniform)
+
+
+def _dyn_batch(
+    data: dict[str, torch.Tensor], idx: torch.Tensor, frames: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    length = data["acts"].shape[1]
+    start = torch.randint(0, length - frames + 1, (len(idx),), generator=gen)
+    cols = start[:, None] + torch.arange(frames)[None]
+    return data["lat"][idx[:, None], cols], data["acts"][idx[:, None], cols]
+
+
+def dynamics_loss(
+    model: DynamicsTransformer,
+    z: torch.Tensor,
+    actions: torch.Tensor,
+    mask: torch.Tensor,
+    slots: torch.Tensor,
+    gen: torch.Generator,
+    context_noise: float,
+    amp: bool,
+    fixed_sigma: float | None = None,
+) -> torch.Tensor:
+    """Flow-matching MSE on frames 1..T-1 given (noised) clean context frames (CPU generator)."""
+    b, t = z.shape[:2]
+    device = z.device
+    if fixed_sigma is None:
+        sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1)
+        ctx_sigma = torch.rand(b, t, generator=gen) * context_noise
+        ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
+    else:
+        sigma = torch.full((b, t - 1), fixed_sigma)
+        ctx_sigma = torch.zeros(b, t)
+    eps = torch.randn(z.shape, generator=gen).to(device)
+    eps_ctx = torch.randn(z.shape, generator=gen).to(device)
+    sigma, ctx_sigma = sigma.to(device), ctx_sigma.to(device)
+    x0 = z[:, 1:]
+    s = sigma[..., None, None, None]
+    sc = ctx_sigma[..., None, None, None]
+    noisy = (1 - s) * x0 + s * eps[:, 1:]
+    context = (1 - sc) * z + sc * eps_ctx
+    with _autocast(device, amp):
+        v = model.forward_train(context, ctx_sigma, noisy, sigma, actions, mask, slots)
+    return (v.float() - (eps[:, 1:] - x0)).pow(2).mean()
+
+
+def train_dynamics(cfg: TrainConfig, data: dict[str, torch.Tensor], log: RunLog) -> DynamicsTransformer:
+    device = _device()
+    torch.manual_seed(cfg.seed + 1)
+    model = DynamicsTransformer(cfg.dynamics).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dyn_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ckpt = cfg.out / "dyn.ckpt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    if start >= cfg.dyn_steps:
+        return ema.eval()
+    n = data["acts"].shape[0]
+    n_val = max(1, min(256, n // 16))
+    mask, slots = model.training_mask(cfg.dyn_frames, device)
+    val_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    val_z, val_a = _dyn_batch(data, torch.arange(n - n_val, n), cfg.dyn_frames, val_gen)
+    val_z, val_a = val_z.to(device), val_a.to(device)
+    params: list[torch.Tensor] = list(model.parameters())
+    ema_params: list[torch.Tensor] = list(ema.parameters())
+    bar = tqdm(range(start, cfg.dyn_steps), desc="dynamics", initial=start, total=cfg.dyn_steps)
+    tuner = ThreadTuner(cfg.max_threads)
+    t0 = time.time()
+    loss_ema: float | None = None
+    for step in bar:
+        t_step = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, cfg.dyn_steps, cfg.dyn_lr, 0.1, 50)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, n - n_val, (cfg.dyn_batch,), generator=gen)
+        z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
+        z, a = z.to(device), a.to(device)
+        loss = dynamics_loss(model, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        tuner.record(time.perf_counter() - t_step)
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.dyn_steps:
+            record: dict[str, Any] = {"loss_ema": round(loss_ema, 5)}
+            if done % (cfg.log_every * 5) == 0 or done == cfg.dyn_steps:
+                with torch.no_grad():
+                    for sig in (0.3, 0.7, 1.0):
+                        v = dynamics_loss(
+                            ema,
+                            val_z,
+                            val_a,
+                            mask,
+                            slots,
+                            torch.Generator().manual_seed(3),
+                            0.0,
+                            cfg.amp,
+                            sig,
+                        )
+                        record[f"val_sigma{sig}"] = round(v.item(), 5)
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            log.write(
+                stage="dyn",
+                threads=tuner.current,
+                step=done,
+                lr=round(opt.param_groups[0]["lr"], 7),
+                elapsed_s=round(time.time() - t0, 1),
+                **record,
+            )
+        if done % cfg.checkpoint_every == 0 or done == cfg.dyn_steps:
+            _save_atomic(
+                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done},
+                ckpt,
+            )
+    return ema.eval()
+
+
+# ---------------------------------------------------------------------------- stage 4: distillation
+
+
+def _euler(
+    model: DynamicsTransformer,
+    context: torch.Tensor,
+    ctx_sigma: torch.Tensor,
+    noise: torch.Tensor,
+    actions: torch.Tensor,
+    mask: torch.Tensor,
+    slots: torch.Tensor,
+    sigmas: list[float],
+    amp: bool,
+) -> torch.Tensor:
+    """Euler-sample frames 1..T-1 (all at once, teacher-forced context) from ``noise``."""
+    x = noise
+    b, t1 = noise.shape[:2]
+    for sigma, sigma_next in itertools.pairwise(sigmas):
+        level = torch.full((b, t1), sigma, device=noise.device)
+        with _autocast(noise.device, amp):
+            v = model.forward_train(context, ctx_sigma, x, level, actions, mask, slots).float()
+        x = x + (sigma_next - sigma) * v
+    return x
+
+
+def distill_dynamics(
+    cfg: TrainConfig, data: dict[str, torch.Tensor], teacher: DynamicsTransformer, log: RunLog
+) -> DynamicsTransformer:
+    """Few-step distillation: the student's ``distill_student_steps``-step Euler sample must match
+    the teacher's ``distill_teacher_steps``-step sample from the same noise and context.
+
+    Flow matching with 2 Euler steps predicts close to the conditional mean where the future is
+    uncertain (new terrain entering the view), which comes out flat; the many-step teacher samples
+    real texture. The student starts from the teacher's weights.
+    """
+    device = _device()
+    ckpt = cfg.out / "distill.ckpt"
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    teacher = teacher.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.distill_lr, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    if start >= cfg.distill_steps:
+        return student.eval().requires_grad_(False)
+    teacher_sigmas = FlowMatchEulerScheduler.make_sigmas(
+        FlowMatchEulerSchedulerConfig(num_steps=cfg.distill_teacher_steps)
+    )
+    student_sigmas = FlowMatchEulerScheduler.make_sigmas(
+        FlowMatchEulerSchedulerConfig(num_steps=cfg.distill_student_steps)
+    )
+    n = data["acts"].shape[0]
+    mask, slots = student.training_mask(cfg.dyn_frames, device)
+    params: list[torch.Tensor] = list(student.parameters())
+    bar = tqdm(range(start, cfg.distill_steps), desc="distill", initial=start, total=cfg.distill_steps)
+    tuner = ThreadTuner(cfg.max_threads)
+    t0 = time.time()
+    loss_ema: float | None = None
+    for step in bar:
+        t_step = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, cfg.distill_steps, cfg.distill_lr, 0.1, 20)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+        idx = torch.randint(0, n, (cfg.distill_batch,), generator=gen)
+        z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
+        b, t = z.shape[:2]
+        ctx_sigma = torch.rand(b, t, generator=gen) * cfg.context_noise
+        ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
+        ctx_noise = torch.randn(z.shape, generator=gen)
+        noise = torch.randn(z[:, 1:].shape, generator=gen)
+        sc = ctx_sigma[..., None, None, None]
+        context = ((1 - sc) * z + sc * ctx_noise).to(device)
+        z, a, ctx_sigma, noise = z.to(device), a.to(device), ctx_sigma.to(device), noise.to(device)
+        with torch.no_grad():
+            target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, teacher_sigmas, cfg.amp)
+        sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, student_sigmas, cfg.amp)
+        loss = (sample - target).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        tuner.record(time.perf_counter() - t_step)
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.distill_steps:
+            bar.set_postfix(loss=f"{loss_ema:.4f}")
+            log.write(
+                stage="distill",
+                threads=tuner.current,
+                step=done,
+                loss_ema=round(loss_ema, 5),
+                elapsed_s=round(time.time() - t0, 1),
+            )
+        if done % cfg.checkpoint_every == 0 or done == cfg.distill_steps:
+            _save_atomic({"model": student.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+    return student.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------- stage 5: decoder
+
+
+def _known_mask(actions: np.ndarray) -> np.ndarray:
+    """Pixels of the last frame that stayed in view since the first, ``[N, 64, 64]`` float.
+
+    ``actions [N, T]``: moves leading to frames ``1..T-1`` (column 0 is ignored). Those pixels were
+    carried through the rollout by the model rather than invented.
+    """
+    steps = ACTION_DELTAS[actions[:, 1:]] * STEP_PX  # [N, T-1, 2]
+    offsets = np.concatenate([np.zeros((len(actions), 1, 2), np.int64), steps.cumsum(1)], 1)
+    last = offsets[:, -1]
+    lo = offsets.max(1) - last  # first valid row/col in the last frame
+    hi = offsets.min(1) + VIEW_PX - last  # one past the last valid row/col
+    idx = np.arange(VIEW_PX)
+    rows = (idx[None] >= lo[:, :1]) & (idx[None] < hi[:, :1])
+    cols = (idx[None] >= lo[:, 1:]) & (idx[None] < hi[:, 1:])
+    return (rows[:, :, None] & cols[:, None, :]).astype(np.float32)
+
+
+@torch.no_grad()
+def _generated_pairs(
+    cfg: TrainConfig,
+    maps: np.ndarray,
+    ae: Autoencoder,
+    dyn: DynamicsTransformer,
+    stats: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Latents the dynamics model generates in rollouts, sampled exactly as the pipeline does.
+
+    Each chunk of walks starts from a real first frame (cache primed with ``window`` copies),
+    runs 1..``decoder_finetune_max_rollout`` AR steps with Euler sampling and context noise, and
+    keeps the last generated latent. Returns generated and real normalised latents
+    ``[N, C, S, S]``, the real last frames ``[N, 64, 64, 3]`` and masks ``[N, 64, 64]`` of the
+    pixels that stayed in view (the only ones whose ground truth the model could know).
+    """
+    device = _device()
+    rng = np.random.default_rng([cfg.seed, 4])
+    mean, std = stats["mean"].to(device)[:, None, None], stats["std"].to(device)[:, None, None]
+    sigmas = FlowMatchEulerScheduler.make_sigmas(
+        FlowMatchEulerSchedulerConfig(num_steps=cfg.decoder_finetune_sampling_steps)
+    )
+    ctx_sigma = cfg.decoder_finetune_context_noise
+    gen_out, real_out, frames_out, masks_out = [], [], [], []
+    chunk = 64
+    for i in tqdm(range(0, cfg.decoder_finetune_pairs, chunk), desc="decoder pairs"):
+        m = min(chunk, cfg.decoder_finetune_pairs - i)
+        n = int(rng.integers(1, cfg.decoder_finetune_max_rollout + 1))
+        frames, actions = sample_trajectories(maps, m, n + 1, rng)
+        x = _to_unit(np.concatenate([frames[:, 0], frames[:, -1]]), device)
+        z = ((ae.encode(x) - mean) / std).float()
+        a = torch.from_numpy(actions).to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + i)
+        cache = dyn.new_cache(m, device, torch.float32)
+        first = dyn.patchify(z[:m])
+        for _ in range(cfg.dynamics.window):
+            ctx = dyn.rotated_context(cache)
+            zeros = torch.zeros(m, device=device)
+            _, kvs = dyn.forward_frame(first, zeros, zeros.long(), ctx, cache.num_frames)
+            cache.append_frame(kvs)
+        for t in range(1, n + 1):
+            ctx = dyn.rotated_context(cache)
+            tokens = torch.randn(first.shape, generator=gen, device=device)
+            for sigma, sigma_next in itertools.pairwise(sigmas):
+                level = torch.full((m,), sigma, device=device)
+                v, _ = dyn.forward_frame(tokens, level, a[:, t], ctx, cache.num_frames)
+                tokens = tokens + (sigma_next - sigma) * v
+            noise = torch.randn(tokens.shape, generator=gen, device=device)
+            noised = (1 - ctx_sigma) * tokens + ctx_sigma * noise
+            level = torch.full((m,), ctx_sigma, device=device)
+            _, kvs = dyn.forward_frame(noised, level, a[:, t], ctx, cache.num_frames)
+            cache.append_frame(kvs)
+        gen_out.append(dyn.unpatchify(tokens).cpu())
+        real_out.append(z[m:].cpu())
+        frames_out.append(frames[:, -1])
+        masks_out.append(_known_mask(actions))
+    return (
+        torch.cat(gen_out),
+        torch.cat(real_out),
+        np.concatenate(frames_out),
+        np.concatenate(masks_out),
+    )
+
+
+def _masked_recon_loss(
+    y: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, grad_weight: float
+) -> torch.Tensor:
+    """L1 + L2 + image-gradient L1 over the pixels where ``mask [B, 1, H, W]`` is 1."""
+    err = y - x
+    denom = mask.sum() * 3 + 1e-6
+    loss = ((err.abs() + err.pow(2)) * mask).sum() / denom
+    my = mask[..., 1:, :] * mask[..., :-1, :]
+    mx = mask[..., 1:] * mask[..., :-1]
+    gy = (err[..., 1:, :] - err[..., :-1, :]).abs() * my
+    gx = (err[..., 1:] - err[..., :-1]).abs() * mx
+    grad = gy.sum() / (my.sum() * 3 + 1e-6) + gx.sum() / (mx.sum() * 3 + 1e-6)
+    return loss + grad_weight * grad
+
+
+def finetune_decoder(
+    cfg: TrainConfig,
+    maps: np.ndarray,
+    ae: Autoencoder,
+    dyn: DynamicsTransformer,
+    stats: dict[str, torch.Tensor],
+    log: RunLog,
+) -> Autoencoder:
+    """Fine-tune the decoder (encoder frozen, so the latent space is unchanged) on latents the
+    dynamics model generates, next to real ones, so generated frames decode as sharply as they can.
+    """
+    device = _device()
+    ckpt = cfg.out / "decoder.ckpt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device)
+        ae.decoder.load_state_dict(state["decoder"])
+        start = state["step"]
+    if start >= cfg.decoder_finetune_steps:
+        return ae.eval()
+    gen_z, real_z, frames, masks = _generated_pairs(cfg, maps, ae, dyn, stats)
+    mean, std = stats["mean"][:, None, None], stats["std"][:, None, None]
+    gen_z, real_z = gen_z * std + mean, real_z * std + mean
+    opt = torch.optim.AdamW(ae.decoder.parameters(), lr=cfg.decoder_finetune_lr, weight_decay=0.0)
+    if start:
+        opt.load_state_dict(state["opt"])
+    ae.train()
+    n = len(frames)
+    half = cfg.ae_batch // 2
+    bar = tqdm(
+        range(start, cfg.decoder_finetune_steps),
+        desc="decoder",
+        initial=start,
+        total=cfg.decoder_finetune_steps,
+    )
+    tuner = ThreadTuner(cfg.max_threads)
+    t0 = time.time()
+    for step in bar:
+        t_step = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = _cosine(step, cfg.decoder_finetune_steps, cfg.decoder_finetune_lr, 0.05, 50)
+        gen = torch.Generator().manual_seed(cfg.seed * 7907 + step)
+        idx = torch.randint(0, n, (2 * half,), generator=gen)
+        z = torch.cat([gen_z[idx[:half]], real_z[idx[half:]]]).to(device)
+        x = _to_unit(frames[idx.numpy()], device)
+        mask = torch.from_numpy(masks[idx[:half].numpy()])
+        mask = torch.cat([mask, torch.ones(len(idx) - half, *mask.shape[1:])])[:, None].to(device)
+        with _autocast(device, cfg.amp):
+            y = ae.decode(z).float()
+        loss = _masked_recon_loss(y, x, mask, cfg.ae_grad_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tuner.record(time.perf_counter() - t_step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.decoder_finetune_steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(
+                stage="decoder",
+                threads=tuner.current,
+                step=done,
+                loss=round(loss.item(), 5),
+                elapsed_s=round(time.time() - t0, 1),
+            )
+        if done % cfg.checkpoint_every == 0 or done == cfg.decoder_finetune_steps:
+            _save_atomic({"decoder": ae.decoder.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+    return ae.eval()
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def train(cfg: TrainConfig) -> WeightsMeta:
+    """Run (or resume) every stage; returns the exported metadata."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(cfg.out / "log.jsonl")
+    t_start = time.time()
+    log.write(
+        stage="start",
+        config=json.loads(json.dumps(asdict(cfg), default=str)),
+        device=str(_device()),
+        threads=torch.get_num_threads(),
+    )
+    maps = make_maps(range(TRAIN_WORLD_SEEDS_START, TRAIN_WORLD_SEEDS_START + cfg.num_worlds))
+    log.write(stage="maps", worlds=cfg.num_worlds, elapsed_s=round(time.time() - t_start, 1))
+    ae = train_autoencoder(cfg, maps, log)
+    data = encode_trajectories(cfg, maps, ae, log)
+    dyn = train_dynamics(cfg, data, log)
+    if cfg.distill_steps > 0:
+        dyn = distill_dynamics(cfg, data, dyn, log)
+    if cfg.decoder_finetune_steps > 0:
+        ae = finetune_decoder(cfg, maps, ae, dyn, data, log)
+    del maps
+    wall = time.time() - t_start
+    meta = WeightsMeta(
+        autoencoder=cfg.autoencoder,
+        dynamics=cfg.dynamics,
+        latent_mean=data["mean"].tolist(),
+        latent_std=data["std"].tolist(),
+        train_context_noise=cfg.context_noise,
+        info={
+            "command": " ".join(["python -m pipeline.tiny_world.train", *sys.argv[1:]]),
+            "ae_steps": cfg.ae_steps,
+            "dyn_steps": cfg.dyn_steps,
+            "distill_steps": cfg.distill_steps,
+            "decoder_finetune_steps": cfg.decoder_finetune_steps,
+            "num_worlds": cfg.num_worlds,
+            "num_trajectories": cfg.num_trajectories,
+            "wall_time_s_this_invocation": round(wall, 1),
+            "device": str(_device()),
+            "torch": torch.__version__,
+        },
+    )
+    if cfg.export_dir is not None:
+        save_weights(cfg.export_dir, ae.float().cpu(), dyn.float().cpu(), meta)
+        log.write(stage="export", directory=str(cfg.export_dir))
+    save_weights(cfg.out / "weights", ae.float().cpu(), dyn.float().cpu(), meta)
+    log.write(stage="done", wall_s=round(wall, 1))
+    return meta
+
+
+def _parse(argv: list[str] | None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/tiny_world"), help="run directory")
+    p.add_argument(
+        "--export-dir",
+        type=Path,
+        default=None,
+        help=f"where to write the final weights (default: {WEIGHTS_DIR}; none with --smoke)",
+    )
+    p.add_argument("--no-export", action="store_true", help="keep weights only in OUT/weights")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run of every stage")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ae-steps", type=int, default=None)
+    p.add_argument("--dyn-steps", type=int, default=None)
+    p.add_argument("--num-trajectories", type=int, default=None)
+    p.add_argument("--window", type=int, default=None, help="dynamics context window K")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
+    args = p.parse_args(argv)
+    cfg = smoke_config(args.out) if args.smoke else TrainConfig(out=args.out)
+    if args.no_export:
+        cfg.export_dir = None
+    elif args.export_dir is not None:
+        cfg.export_dir = args.export_dir
+    changes: dict[str, Any] = {}
+    for name in ("seed", "ae_steps", "dyn_steps", "num_trajectories"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.window is not None:
+        changes["dynamics"] = replace(cfg.dynamics, window=args.window)
+    if args.no_amp:
+        changes["amp"] = False
+    return replace(cfg, **changes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(_parse(argv))
+
+
+if __name__ == "__main__":
+    main()

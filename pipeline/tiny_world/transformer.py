@@ -1,0 +1,169 @@
+"""The tiny world's :class:`~pipeline.transformer.Transformer`: dynamics net + sliding-window cache.
+
+A rollout's cache is a :class:`~pipeline.kv_cache.SlidingWindowKVCache` holding the un-rotated
+keys/values of the last ``window`` clean frames. It is primed at session start with ``window``
+copies of the first frame (as if the camera had stood still), so it is always full and every
+rollout sees its context at the same window slots: caches of sessions at different AR indices
+stack into one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import InputError
+from pipeline.kv_cache import SlidingWindowKVCache
+from pipeline.tiny_world.env import Action
+from pipeline.tiny_world.nets import KV, DynamicsConfig, DynamicsTransformer
+from pipeline.tiny_world.weights import DYN_FILE, load_module
+from pipeline.transformer import Transformer, TransformerAutoregressiveCache, TransformerConfig
+
+
+@dataclass(kw_only=True)
+class TinyWorldCache(TransformerAutoregressiveCache):
+    """Per-rollout state: the KV window plus a memo of its rotated keys."""
+
+    kv: SlidingWindowKVCache
+    """Keys/values of the last ``window`` clean frames (batch dim = rollouts)."""
+    rotated: list[KV] | None = field(default=None, repr=False)
+    """Rotated keys/values of ``kv`` as of ``rotated_at`` (shared by the steps of one generate)."""
+    rotated_at: int = -1
+    """``kv.frames_seen`` when ``rotated`` was computed."""
+
+
+@dataclass(kw_only=True)
+class TinyWorldTransformerConfig(TransformerConfig):
+    """Config of :class:`TinyWorldTransformer`."""
+
+    _target: type = field(default_factory=lambda: TinyWorldTransformer, repr=False)
+    arch: DynamicsConfig = field(default_factory=DynamicsConfig)
+    """Network shape (must match the weights)."""
+    weights_dir: str | None = None
+    """Directory with ``dynamics.safetensors``; ``None`` keeps the random initialisation."""
+    prime_sigma: float = 0.0
+    """Noise level the first frame is written into the cache with at session start."""
+    compile: bool = False
+    """``torch.compile`` the per-frame forward lazily on first use (fixed shapes per batch size)."""
+
+
+class TinyWorldTransformer(Transformer[TinyWorldCache]):
+    """Action-conditioned flow-matching velocity predictor with a sliding-window KV cache."""
+
+    supports_batching = True
+    config: TinyWorldTransformerConfig
+
+    def __init__(self, config: TinyWorldTransformerConfig) -> None:
+        super().__init__(config)
+        self.net = DynamicsTransformer(config.arch)
+        if config.weights_dir is not None:
+            load_module(self.net, Path(config.weights_dir) / DYN_FILE)
+        self._forward_frame = self.net.forward_frame
+        self._compiled = False
+
+    @property
+    def _param(self) -> Tensor:
+        return self.net.inp.weight
+
+    def _frame(
+        self, tokens: Tensor, sigma: Tensor, action: Tensor, cache: TinyWorldCache
+    ) -> tuple[Tensor, list[KV]]:
+        if self.config.compile and not self._compiled:
+            self._forward_frame = torch.compile(self.net.forward_frame, dynamic=False)
+            self._compiled = True
+        if cache.rotated_at != cache.kv.frames_seen or cache.rotated is None:
+            cache.rotated = self.net.rotated_context(cache.kv)
+            cache.rotated_at = cache.kv.frames_seen
+        dtype = self._param.dtype
+        return self._forward_frame(
+            tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames
+        )
+
+    # ---- contract ------------------------------------------------------------------------
+    def initialize_autoregressive_cache(self, **context: Any) -> TinyWorldCache:
+        """A primed cache.
+
+        ``first_latent``: normalised latent ``[1, C, S, S]`` of the first frame (default: the
+        mean latent); ``seed``: seed of the rollout's generator (default 0).
+        """
+        unknown = set(context) - {"first_latent", "seed"}
+        if unknown:
+            raise InputError(
+                f"unknown tiny-world cache context {sorted(unknown)}; expected first_latent, seed"
+            )
+        arch = self.config.arch
+        device, dtype = self._param.device, self._param.dtype
+        first = context.get("first_latent")
+        shape = (1, arch.latent_channels, arch.latent_size, arch.latent_size)
+        if first is None:
+            first = torch.zeros(shape, device=device, dtype=dtype)
+        if not isinstance(first, Tensor) or tuple(first.shape) != shape:
+            got = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
+            raise InputError(f"first_latent must be a tensor of shape {shape}, got {got}")
+        seed = int(context.get("seed") or 0)
+        cache = TinyWorldCache(
+            generator=torch.Generator(device=device).manual_seed(seed),
+            kv=self.net.new_cache(1, device, dtype),
+        )
+        tokens = self.net.patchify(first.to(device=device, dtype=dtype))
+        sigma = torch.full((1,), self.config.prime_sigma, device=device)
+        action = torch.full((1,), int(Action.NONE), device=device, dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(arch.window):
+                self.finalize_kv_cache(tokens, sigma, cache, action)
+        return cache
+
+    def patchify(self, latent: Tensor) -> Tensor:
+        return self.net.patchify(latent)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        return self.net.unpatchify(tokens)
+
+    def patchify_input(self, input: Any) -> Tensor:
+        """Action id(s) → ``LongTensor [B]`` on the model's device (``None`` → no-op)."""
+        device = self._param.device
+        if input is None:
+            return torch.full((1,), int(Action.NONE), device=device, dtype=torch.long)
+        if isinstance(input, Tensor):
+            return input.to(device=device, dtype=torch.long).reshape(-1)
+        return torch.tensor([int(input)], device=device, dtype=torch.long)
+
+    def initial_noise(self, cache: TinyWorldCache, input: Any, generator: torch.Generator | None) -> Tensor:
+        arch = self.config.arch
+        noise = torch.randn(
+            (1, arch.tokens_per_frame, arch.token_dim),
+            generator=generator,
+            device=self._param.device,
+            dtype=torch.float32,
+        )
+        return noise.to(self._param.dtype)
+
+    def predict_flow(
+        self, noisy_latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any
+    ) -> Tensor:
+        velocity, _ = self._frame(noisy_latent, timestep, self._actions(input, noisy_latent), cache)
+        return velocity.to(noisy_latent.dtype)
+
+    def finalize_kv_cache(self, latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any) -> None:
+        _, kvs = self._frame(latent, timestep, self._actions(input, latent), cache)
+        cache.kv.append_frame(kvs)
+        cache.rotated = None
+
+    def _actions(self, input: Any, tokens: Tensor) -> Tensor:
+        actions = self.patchify_input(input)
+        if actions.shape[0] != tokens.shape[0]:
+            raise InputError(f"got {actions.shape[0]} action(s) for a batch of {tokens.shape[0]} rollout(s)")
+        return actions
+
+    # ---- batch protocol ------------------------------------------------------------------
+    def stack_caches(self, caches: list[TinyWorldCache]) -> TinyWorldCache:
+        return TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
+
+    def unstack_caches(self, batched: TinyWorldCache, caches: list[TinyWorldCache]) -> None:
+        batched.kv.copy_into([c.kv for c in caches])
+        for c in caches:
+            c.rotated = None

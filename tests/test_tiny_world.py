@@ -1,0 +1,284 @@
+"""Tests of the embedded ``tiny-world`` model: environment, networks, pipeline, I/O, training."""
+
+from __future__ import annotations
+
+import base64
+import io as _io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pipeline.errors import InputError
+from pipeline.tiny_world.codecs import action_id
+from pipeline.tiny_world.env import (
+    ACTION_DELTAS,
+    PALETTE,
+    STEP_PX,
+    VIEW_PX,
+    Action,
+    WorldCamera,
+    classify_biomes,
+    generate_world,
+    sample_trajectories,
+)
+from pipeline.tiny_world.images import decode_png, decode_start_image, encode_png
+from pipeline.tiny_world.io import TinyWorldOptions
+from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig, DynamicsTransformer
+from pipeline.tiny_world.pipeline import TinyWorldPipeline, make_config
+from pipeline.tiny_world.weights import WEIGHTS_DIR, weights_available
+
+TINY_DYN = DynamicsConfig(latent_channels=4, d_model=32, layers=2, heads=2, window=3)
+TINY_AE = AutoencoderConfig(latent_channels=4, widths=(8, 8, 16))
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter non-trivial values (the zero-initialised adaLN/out layers included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline() -> TinyWorldPipeline:
+    torch.manual_seed(0)
+    pipe = make_config(dynamics=TINY_DYN, autoencoder=TINY_AE, device="cpu").setup()
+    _randomise(pipe)
+    return pipe
+
+
+def _rollout(pipe: TinyWorldPipeline, seed: int, moves: list[str], world_seed: int = 3) -> torch.Tensor:
+    io = pipe.io
+    cache = io.initialize_session(pipe, io.validate_options({"world_seed": world_seed}), seed)
+    frames = []
+    for i, move in enumerate(moves):
+        action = io.action_to_input(io.validate_action({"move": move}), i)
+        frames.append(pipe.generate(i, cache, action))
+        pipe.finalize(i, cache)
+    return torch.cat(frames)
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def test_world_is_deterministic_and_seed_dependent() -> None:
+    a, b, c = generate_world(7), generate_world(7), generate_world(8)
+    assert np.array_equal(a.rgb, b.rgb) and np.array_equal(a.biome, b.biome)
+    assert not np.array_equal(a.rgb, c.rgb)
+    assert a.rgb.dtype == np.uint8 and a.rgb.shape == (256, 256, 3)
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_camera_pans_by_step(action: Action) -> None:
+    cam = WorldCamera.from_seed(1)
+    before = cam.frame()
+    after = cam.step(action)
+    dy, dx = (ACTION_DELTAS[action] * STEP_PX).tolist()
+    # The new view at (r, c) shows the old view at (r + dy, c + dx).
+    ys, xs = slice(max(dy, 0), VIEW_PX + min(dy, 0)), slice(max(dx, 0), VIEW_PX + min(dx, 0))
+    ys2, xs2 = slice(max(-dy, 0), VIEW_PX + min(-dy, 0)), slice(max(-dx, 0), VIEW_PX + min(-dx, 0))
+    assert np.array_equal(before[ys, xs], after[ys2, xs2])
+
+
+def test_camera_rejects_unknown_action() -> None:
+    with pytest.raises(InputError, match="action must be in"):
+        WorldCamera.from_seed(1).step(9)
+
+
+def test_trajectories_and_biome_classification() -> None:
+    maps = np.stack([generate_world(s).rgb for s in range(2)])
+    frames, actions = sample_trajectories(maps, 3, 5, np.random.default_rng(0))
+    assert frames.shape == (3, 5, VIEW_PX, VIEW_PX, 3) and actions.shape == (3, 5)
+    ids = classify_biomes(PALETTE.astype(np.uint8)[None])
+    assert ids.tolist() == [list(range(len(PALETTE)))]
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+def test_patchify_roundtrip() -> None:
+    net = DynamicsTransformer(TINY_DYN)
+    z = torch.randn(2, 3, 4, 8, 8)
+    tokens = net.patchify(z)
+    assert tokens.shape == (2, 3, 16, 16)
+    assert torch.equal(net.unpatchify(tokens), z)
+
+
+def test_inference_path_matches_teacher_forcing() -> None:
+    """The KV-cache path (window-relative slots) computes exactly what training computes."""
+    torch.manual_seed(0)
+    net = DynamicsTransformer(TINY_DYN).eval()
+    _randomise(net)
+    b, t = 2, 6
+    z = torch.randn(b, t, 4, 8, 8)
+    noisy = torch.randn(b, t - 1, 4, 8, 8)
+    sigma_ctx, sigma = torch.rand(b, t) * 0.1, torch.rand(b, t - 1)
+    actions = torch.randint(0, 9, (b, t))
+    mask, slots = net.training_mask(t)
+    with torch.no_grad():
+        ref = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots)
+        cache = net.new_cache(b, "cpu", torch.float32)
+        for j in range(t):
+            ctx = net.rotated_context(cache)
+            if j > 0:
+                v, _ = net.forward_frame(
+                    net.patchify(noisy[:, j - 1]), sigma[:, j - 1], actions[:, j], ctx, cache.num_frames
+                )
+                torch.testing.assert_close(net.unpatchify(v), ref[:, j - 1], atol=1e-4, rtol=1e-4)
+            _, kvs = net.forward_frame(
+                net.patchify(z[:, j]), sigma_ctx[:, j], actions[:, j], ctx, cache.num_frames
+            )
+            cache.append_frame(kvs)
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def test_rollout_shapes_and_determinism(tiny_pipeline: TinyWorldPipeline) -> None:
+    moves = ["up", "left", "none", "down_right"]
+    a = _rollout(tiny_pipeline, 1, moves)
+    b = _rollout(tiny_pipeline, 1, moves)
+    c = _rollout(tiny_pipeline, 2, moves)
+    assert a.shape == (4, 3, VIEW_PX, VIEW_PX)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    frames = tiny_pipeline.io.output_to_frames(a[:1])
+    assert frames.shape == (1, VIEW_PX, VIEW_PX, 3) and frames.dtype == torch.uint8
+
+
+def test_batch_matches_single_sessions(tiny_pipeline: TinyWorldPipeline) -> None:
+    pipe, io = tiny_pipeline, tiny_pipeline.io
+    moves = [["up", "left", "left", "down"], ["none", "right", "up_left", "up"], ["down"] * 4]
+    lead = [0, 2, 1]  # steps each session runs alone first, so AR indices differ in the batch
+    seeds, worlds = [5, 6, 7], [1, 2, 3]
+
+    def action(m: str) -> int:
+        return io.action_to_input(io.validate_action({"move": m}), 0)
+
+    refs = [
+        _rollout(pipe, s, ["none"] * n + mv, w)
+        for s, n, mv, w in zip(seeds, lead, moves, worlds, strict=True)
+    ]
+    caches = [
+        io.initialize_session(pipe, io.validate_options({"world_seed": w}), s)
+        for s, w in zip(seeds, worlds, strict=True)
+    ]
+    for cache, n in zip(caches, lead, strict=True):
+        for i in range(n):
+            pipe.generate(i, cache, action("none"))
+            pipe.finalize(i, cache)
+    idx = list(lead)
+    for step in range(4):
+        outs = pipe.generate_batch(idx, caches, [action(m[step]) for m in moves])
+        pipe.finalize_batch(idx, caches)
+        for k, out in enumerate(outs):
+            torch.testing.assert_close(out, refs[k][lead[k] + step : lead[k] + step + 1], atol=1e-4, rtol=0)
+        idx = [i + 1 for i in idx]
+
+
+def test_cache_context_is_validated(tiny_pipeline: TinyWorldPipeline) -> None:
+    transformer = tiny_pipeline.diffusion_model.transformer
+    with pytest.raises(InputError, match="first_latent must be"):
+        transformer.initialize_autoregressive_cache(first_latent=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(InputError, match="unknown tiny-world cache context"):
+        transformer.initialize_autoregressive_cache(bogus=1)
+
+
+# ---------------------------------------------------------------------------- I/O
+
+
+def test_action_validation(tiny_pipeline: TinyWorldPipeline) -> None:
+    io = tiny_pipeline.io
+    assert io.action_to_input(io.validate_action({"move": "down_left"}), 0) == Action.DOWN_LEFT
+    assert io.action_to_input(io.validate_action(None), 0) == Action.NONE
+    assert io.action_to_input(io.validate_action({}), 0) == Action.NONE
+    for bad in ({"move": "jump"}, {"move": "up", "speed": 2}, {"move": 1}):
+        with pytest.raises(ValidationError):
+            io.validate_action(bad)
+    assert action_id("right") == Action.RIGHT
+    with pytest.raises(InputError, match="unknown move"):
+        action_id("sideways")
+
+
+def test_options_validation_and_start_images(tiny_pipeline: TinyWorldPipeline) -> None:
+    io = tiny_pipeline.io
+    defaults = io.validate_options(None)
+    assert isinstance(defaults, TinyWorldOptions) and defaults.world_seed == 0
+    for bad in ({"world_seed": -1}, {"world_seed": "3"}, {"seed": 1}):
+        with pytest.raises(ValidationError):
+            io.validate_options(bad)
+    with pytest.raises(ValidationError, match="not valid base64"):
+        io.validate_options({"image": "***"})
+    small = base64.b64encode(encode_png(np.zeros((32, 32, 3), np.uint8))).decode()
+    with pytest.raises(ValidationError, match="64x64"):
+        io.validate_options({"image": small})
+    with pytest.raises(ValidationError, match="raw 64x64 RGB"):
+        io.validate_options({"image": base64.b64encode(b"abc").decode()})
+    image = WorldCamera.from_seed(9).frame()
+    for payload in (encode_png(image), image.tobytes()):
+        opts = io.validate_options({"image": base64.b64encode(payload).decode()})
+        assert isinstance(opts, TinyWorldOptions)
+        assert np.array_equal(opts.start_frame(), image)
+        cache = io.initialize_session(tiny_pipeline, opts, 0)
+        assert tiny_pipeline.generate(0, cache, 0).shape == (1, 3, VIEW_PX, VIEW_PX)
+
+
+def test_png_decoder_handles_all_filters() -> None:
+    pil = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    image = WorldCamera.from_seed(4).frame().copy()
+    image[::7] = rng.integers(0, 255, image[::7].shape, dtype=np.uint8)
+    for mode in ("RGB", "RGBA", "L"):
+        buf = _io.BytesIO()
+        pil.fromarray(image).convert(mode).save(buf, format="PNG", optimize=True)
+        expected = np.asarray(pil.fromarray(image).convert(mode).convert("RGB"))
+        assert np.array_equal(decode_png(buf.getvalue()), expected)
+    with pytest.raises(InputError, match="not a PNG"):
+        decode_png(b"GIF89a")
+    with pytest.raises(InputError, match="base64"):
+        decode_start_image("not base64!", VIEW_PX)
+
+
+# ---------------------------------------------------------------------------- training + weights
+
+
+def test_training_smoke_exports_loadable_weights(tmp_path: Path) -> None:
+    from pipeline.tiny_world.pipeline import tiny_world_config
+    from pipeline.tiny_world.train import smoke_config, train
+
+    cfg = smoke_config(tmp_path / "run")
+    cfg.export_dir = tmp_path / "weights"
+    meta = train(cfg)
+    assert weights_available(tmp_path / "weights")
+    assert len(meta.latent_mean) == cfg.autoencoder.latent_channels
+    # Resuming a finished run is a no-op that re-exports the same weights.
+    train(cfg)
+    pipe = tiny_world_config(tmp_path / "weights").setup()
+    assert len(_rollout(pipe, 0, ["up", "right"])) == 2
+
+
+@pytest.mark.skipif(not weights_available(WEIGHTS_DIR), reason="shipped weights not trained yet")
+def test_shipped_model_is_registered_and_deterministic() -> None:
+    from pipeline.registry import load_pipeline
+
+    pipe = load_pipeline("tiny-world")
+    assert isinstance(pipe, TinyWorldPipeline) and pipe.supports_batching
+    moves = ["right", "right", "down", "none"]
+    assert torch.equal(_rollout(pipe, 0, moves), _rollout(pipe, 0, moves))
+    size = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir())
+    assert size <= 12 * 2**20
+
+
+def test_known_mask_tracks_pixels_that_stayed_in_view() -> None:
+    from pipeline.tiny_world.train import _known_mask
+
+    right, left = int(Action.RIGHT), int(Action.LEFT)
+    mask = _known_mask(np.array([[0, right], [0, 0]]))
+    assert mask[0, :, :56].all() and not mask[0, :, 56:].any()
+    assert mask[1].all()
+    mask = _known_mask(np.array([[0, right, left], [0, right, right]]))
+    assert mask[0, :, 8:].all() and not mask[0, :, :8].any()
+    assert mask[1, :, :48].all() and not mask[1, :, 48:].any()
