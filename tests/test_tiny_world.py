@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io as _io
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.errors import InputError
+from pipeline.png import encode_png
 from pipeline.tiny_world.codecs import action_id
 from pipeline.tiny_world.env import (
     ACTION_DELTAS,
@@ -24,7 +24,7 @@ from pipeline.tiny_world.env import (
     generate_world,
     sample_trajectories,
 )
-from pipeline.tiny_world.images import decode_png, decode_start_image, encode_png
+from pipeline.tiny_world.images import decode_start_image
 from pipeline.tiny_world.io import TinyWorldOptions
 from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig, DynamicsTransformer
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, make_config
@@ -226,20 +226,12 @@ def test_options_validation_and_start_images(tiny_pipeline: TinyWorldPipeline) -
         assert tiny_pipeline.generate(0, cache, 0).shape == (1, 3, VIEW_PX, VIEW_PX)
 
 
-def test_png_decoder_handles_all_filters() -> None:
-    pil = pytest.importorskip("PIL.Image")
-    rng = np.random.default_rng(0)
-    image = WorldCamera.from_seed(4).frame().copy()
-    image[::7] = rng.integers(0, 255, image[::7].shape, dtype=np.uint8)
-    for mode in ("RGB", "RGBA", "L"):
-        buf = _io.BytesIO()
-        pil.fromarray(image).convert(mode).save(buf, format="PNG", optimize=True)
-        expected = np.asarray(pil.fromarray(image).convert(mode).convert("RGB"))
-        assert np.array_equal(decode_png(buf.getvalue()), expected)
-    with pytest.raises(InputError, match="not a PNG"):
-        decode_png(b"GIF89a")
+def test_start_image_errors_are_input_errors() -> None:
     with pytest.raises(InputError, match="base64"):
         decode_start_image("not base64!", VIEW_PX)
+    broken = base64.b64encode(encode_png(np.zeros((64, 64, 3), np.uint8))[:40]).decode()
+    with pytest.raises(InputError, match="not a usable PNG"):
+        decode_start_image(broken, VIEW_PX)
 
 
 # ---------------------------------------------------------------------------- training + weights
@@ -282,3 +274,19 @@ def test_known_mask_tracks_pixels_that_stayed_in_view() -> None:
     mask = _known_mask(np.array([[0, right, left], [0, right, right]]))
     assert mask[0, :, 8:].all() and not mask[0, :, :8].any()
     assert mask[1, :, :48].all() and not mask[1, :, 48:].any()
+
+
+@pytest.mark.skipif(not weights_available(WEIGHTS_DIR), reason="shipped weights not trained yet")
+def test_shipped_model_batch_matches_single_sessions() -> None:
+    from pipeline.registry import load_pipeline
+
+    pipe, moves = load_pipeline("tiny-world"), ["right", "down_left", "none", "up"]
+    io = pipe.io
+    refs = [_rollout(pipe, s, moves, world_seed=s) for s in range(3)]
+    caches = [io.initialize_session(pipe, io.validate_options({"world_seed": s}), s) for s in range(3)]
+    for i, move in enumerate(moves):
+        action = io.action_to_input(io.validate_action({"move": move}), i)
+        outs = pipe.generate_batch([i] * 3, caches, [action] * 3)
+        pipe.finalize_batch([i] * 3, caches)
+        for s, out in enumerate(outs):
+            torch.testing.assert_close(out, refs[s][i : i + 1], atol=1e-4, rtol=0)

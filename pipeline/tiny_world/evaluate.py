@@ -1,6 +1,6 @@
 """Evaluate a tiny-world model against its environment on held-out world seeds.
 
-    python -m pipeline.tiny_world.evaluate [--weights DIR] [--steps 2] [--json out.json]
+    python -m pipeline.tiny_world.evaluate [--weights DIR] [--steps N] [--json out.json]
 
 Metrics (generated frames vs the environment's real frames for the same actions):
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.png import encode_png
 from pipeline.tiny_world.env import (
     ACTION_DELTAS,
     ACTION_PROBS,
@@ -36,7 +37,6 @@ from pipeline.tiny_world.env import (
     WorldCamera,
     classify_biomes,
 )
-from pipeline.tiny_world.images import encode_png
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, tiny_world_config
 from pipeline.tiny_world.train import EVAL_SEED_BASE
 
@@ -238,20 +238,25 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", type=Path, default=None, help="weights directory (default: shipped)")
-    p.add_argument("--steps", type=int, default=2, help="denoising steps per frame")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: pipeline's)")
     p.add_argument("--context-noise", type=float, default=None, help="override finalize noise")
+    p.add_argument("--dtype", default=None, help="override the pipeline dtype (float32, bfloat16)")
     p.add_argument("--worlds", type=int, default=8, help="held-out worlds")
     p.add_argument("--drift-steps", type=int, default=300)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--strip", type=Path, default=None, help="write a real/generated PNG strip")
     args = p.parse_args(argv)
     cfg = tiny_world_config(args.weights)
-    changes: dict[str, object] = {"diffusion_model__scheduler__num_steps": args.steps}
+    changes: dict[str, object] = {}
+    if args.steps is not None:
+        changes["diffusion_model__scheduler__num_steps"] = args.steps
     if args.context_noise is not None:
         changes["diffusion_model__context_noise"] = args.context_noise
+    if args.dtype is not None:
+        changes["dtype"] = args.dtype
     from pipeline.config import derive_config
 
-    pipe = derive_config(cfg, **changes).setup()
+    pipe = (derive_config(cfg, **changes) if changes else cfg).setup()
     result = evaluate(pipe, args.worlds, drift_steps=args.drift_steps, strip_path=args.strip)
     for key, value in asdict(result).items():
         print(f"{key:36s} {value}")

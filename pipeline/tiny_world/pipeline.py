@@ -15,8 +15,9 @@ from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig
 from pipeline.tiny_world.transformer import TinyWorldTransformerConfig
 from pipeline.tiny_world.weights import WEIGHTS_DIR, load_meta
 
-DEFAULT_STEPS = 2
-"""Denoising steps per frame."""
+DEFAULT_STEPS = 4
+"""Denoising steps per frame: 4 is much sharper than 2 (Laplacian-variance ratio 0.43 vs 0.24,
+both ~99.8 % action-following) and still > 30 frames/s per session on 2 CPU cores."""
 DEFAULT_CONTEXT_NOISE = 0.05
 """Noise level a generated frame is written into the KV cache with."""
 
@@ -76,7 +77,10 @@ def make_config(
 def tiny_world_config(weights_dir: str | Path | None = None) -> TinyWorldPipelineConfig:
     """The shipped tiny world model (weights from the package unless ``weights_dir`` is given).
 
-    fp32 on CPU (bf16 is not faster at batch 1 there), 2 Euler steps, context noise 0.05.
+    fp32 (bf16 is slower at batch 1 on CPU and makes batched and single-session rollouts drift
+    apart), 4 Euler steps, context noise 0.05, eager (``torch.compile`` is opt-in via
+    ``diffusion_model__transformer__compile=True`` and ``decoder__compile=True``: ~1.5× faster
+    after a ~10 s compile per batch size).
     """
     directory = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta = load_meta(directory)

@@ -1,4 +1,4 @@
-"""Train the tiny world model from scratch: autoencoder, then dynamics, then export.
+"""Train the tiny world model from scratch: autoencoder, dynamics, distillation, decoder, export.
 
     python -m pipeline.tiny_world.train --out runs/tiny_world
 
@@ -8,11 +8,14 @@ Stages (each resumable from its latest checkpoint in ``--out``; finished stages 
 2. ``latents``: encode random camera walks into normalised latent trajectories.
 3. ``dyn``: the dynamics transformer with teacher forcing and context-noise augmentation
    (clean context frames are noised to a random small level, as ``finalize`` does at inference).
-4. ``export``: fp16 safetensors + metadata JSON into ``--export-dir`` (the package by default).
+4. ``distill``: few-step distillation (the 2-step Euler sample must match an 8-step one).
+5. ``decoder``: decoder fine-tuning on latents the model generates (encoder frozen).
+6. ``export``: fp16 safetensors + metadata JSON into ``--export-dir`` (the package by default).
 
-All randomness derives from ``--seed`` and the step number, so a resumed run continues exactly as
-an uninterrupted one. bf16 autocast is used on CPU and CUDA; CUDA is used when present. Progress
-goes to a tqdm bar and to ``OUT/log.jsonl``.
+All randomness derives from ``--seed`` and the step number, so a resumed run continues as an
+uninterrupted one (up to floating-point rounding when the thread count changes). bf16 autocast
+is used on CPU and CUDA; CUDA is used when present. Progress goes to a tqdm bar and to
+``OUT/log.jsonl``.
 """
 
 from __future__ import annotations

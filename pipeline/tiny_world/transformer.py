@@ -79,9 +79,11 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             cache.rotated = self.net.rotated_context(cache.kv)
             cache.rotated_at = cache.kv.frames_seen
         dtype = self._param.dtype
-        return self._forward_frame(
-            tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames
-        )
+        # Only the steady state (full window) is compiled: one graph per batch size. Priming,
+        # with 0..window-1 cached frames, runs eager instead of compiling a graph per fill level.
+        steady = cache.kv.num_frames == cache.kv.capacity_frames
+        forward = self._forward_frame if steady else self.net.forward_frame
+        return forward(tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames)
 
     # ---- contract ------------------------------------------------------------------------
     def initialize_autoregressive_cache(self, **context: Any) -> TinyWorldCache:
