@@ -16,6 +16,8 @@ class MachineInfo:
     torch_version: str
     device: str
     python: str
+    torch_threads: int
+    """Intra-op threads of the in-process baselines and of the server's device worker."""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -23,7 +25,7 @@ class MachineInfo:
     def line(self) -> str:
         return (
             f"{self.cpu_model}, {self.cores} cores, torch {self.torch_version}, "
-            f"device {self.device}, Python {self.python}"
+            f"device {self.device}, Python {self.python}, {self.torch_threads} torch thread(s)"
         )
 
 
@@ -50,4 +52,5 @@ def describe_machine(device: str = "auto") -> MachineInfo:
         torch_version=torch.__version__,
         device=device,
         python=platform.python_version(),
+        torch_threads=torch.get_num_threads(),
     )

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from loguru import logger
 
 from benchmarks.machine import describe_machine
@@ -25,6 +26,7 @@ from benchmarks.suite import (
     bench_scaling,
 )
 from pipeline.overrides import parse_overrides
+from server.app import worker_torch_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    # The in-process baselines use the same intra-op threads as the servers they are compared with.
+    torch.set_num_threads(worker_torch_threads(None))
     cfg = SuiteConfig(args.pipeline, parse_overrides(args.set), args.device, args.quick, args.out / "logs")
     machine = describe_machine(args.device)
-    print(f"machine: {machine.line()}\npipeline: {cfg.pipeline} {cfg.overrides}", flush=True)
+    print(f"machine: {machine.line()}", flush=True)
+    print(f"pipeline: {cfg.pipeline} {cfg.overrides}", flush=True)
     results: list[BenchResult] = []
     for name in only:
         t0 = time.perf_counter()

@@ -88,8 +88,8 @@ class ServerConfig(BaseModel):
     torch_threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads of the worker (None: torch's default); 1 avoids "
-        "OpenMP spin-wait stalls when the CPU is shared",
+        description="torch intra-op threads of the worker (None: all cores but one, leaving one "
+        "to the event loop and codec)",
     )
     codec_threads: int = Field(2, ge=1, le=64, description="Threads that encode frames")
 

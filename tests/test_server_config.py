@@ -78,3 +78,13 @@ def test_batch_sizes_parse() -> None:
     assert ServerConfig.from_sources(environ=env).batch_sizes == [2, 8]
     with pytest.raises(ConfigValueError, match="batch_sizes"):
         ServerConfig.from_sources({"batch_sizes": "a,b"}, environ={})
+
+
+def test_worker_threads_leave_a_core_for_the_event_loop() -> None:
+    import os
+
+    from server.app import worker_torch_threads
+
+    assert worker_torch_threads(3) == 3
+    cores = len(os.sched_getaffinity(0))
+    assert worker_torch_threads(None) == max(1, cores - 1)
