@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from clients.actions import make_policy
+from clients.cli_options import add_server_options, add_session_options
 from clients.errors import ClientError
 from clients.media import save_contact_sheet, save_gif, save_mp4
 from clients.metrics import SessionRecorder, SessionStats
@@ -124,16 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Headless client: run N steps against a server, save the frames, print "
         "latency statistics.",
     )
-    p.add_argument(
-        "--url",
-        default="ws://127.0.0.1:8000/v1/stream",
-        help="stream endpoint or host:port (default %(default)s)",
-    )
-    p.add_argument(
-        "--token",
-        default=os.environ.get("DREAMSTREAM_TOKEN"),
-        help="server auth token (default: $DREAMSTREAM_TOKEN)",
-    )
+    add_server_options(p)
     p.add_argument("-n", "--steps", type=int, default=32, help="AR steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="rollout and policy seed")
     p.add_argument(
@@ -148,10 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="random policy: hold each action this many steps (default %(default)s)",
     )
-    p.add_argument("--pipeline", default=None, help="pipeline name to request")
-    p.add_argument("--codec", choices=("jpeg", "png", "raw"), default=None)
-    p.add_argument("--quality", type=int, default=None, help="JPEG quality 1..100")
-    p.add_argument("--options", default=None, help="start options as a JSON object")
+    add_session_options(p)
     p.add_argument("--inflight", type=int, default=None, help="outstanding steps (pipelining)")
     p.add_argument("--out", default="runs/play", help="output folder (default %(default)s)")
     p.add_argument("--gif", default=None, help="GIF path (default <out>/play.gif)")

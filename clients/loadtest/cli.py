@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from clients.cli_options import add_server_options, add_session_options
 from clients.loadtest.core import LoadTestConfig, run_loadtest
 from clients.loadtest.report import format_report, plot_report
 
@@ -25,16 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run N concurrent sessions against a dreamstream server and report latency "
         "percentiles, frame gaps, deadline misses, viewer stalls and errors.",
     )
-    p.add_argument(
-        "--url",
-        default="ws://127.0.0.1:8000/v1/stream",
-        help="stream endpoint or host:port (default %(default)s)",
-    )
-    p.add_argument(
-        "--token",
-        default=os.environ.get("DREAMSTREAM_TOKEN"),
-        help="server auth token (default: $DREAMSTREAM_TOKEN)",
-    )
+    add_server_options(p)
     p.add_argument("-n", "--sessions", type=int, default=4, help="concurrent sessions")
     p.add_argument(
         "--steps", type=int, default=None, help="AR steps per session (default 50 unless --duration is given)"
@@ -77,10 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scripted actions for every session (e.g. up,up,left or @file); "
         "default: seeded random actions from the action schema",
     )
-    p.add_argument("--pipeline", default=None, help="pipeline name to request")
-    p.add_argument("--codec", choices=("jpeg", "png", "raw"), default=None)
-    p.add_argument("--quality", type=int, default=None, help="JPEG quality 1..100")
-    p.add_argument("--options", default=None, help="start options as a JSON object")
+    add_session_options(p)
     p.add_argument(
         "--start-buffer",
         type=int,
