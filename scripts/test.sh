@@ -22,5 +22,5 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy pipeline server
+.venv/bin/mypy pipeline server clients
 .venv/bin/python -m pytest "$@"
