@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import random
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from clients.actions import RandomPolicy
 from pipeline import load_pipeline
 from pipeline.memory import cache_nbytes
-from pipeline.rollout import random_action
 from server.codec import FrameCodec
 from server.protocol import Codec
 
@@ -43,10 +42,10 @@ def inprocess_loop(
     io = pipe.io
     cache = io.initialize_session(pipe, io.validate_options({}), seed)
     enc = FrameCodec(threads=1)
-    rng = random.Random(seed)
+    policy = RandomPolicy(io.action_model.model_json_schema(), seed=seed)
     step_ms, gen_ms, enc_ms, fin_ms = [], [], [], []
     for k in range(steps + warmup):
-        action = io.validate_action(random_action(io.action_model, rng))
+        action = io.validate_action(policy(k))
         t0 = time.perf_counter()
         frames = io.output_to_frames(pipe.generate(k, cache, io.action_to_input(action, k))).cpu().numpy()
         t1 = time.perf_counter()
@@ -70,9 +69,9 @@ def cache_bytes_per_session(pipeline: str, overrides: dict[str, Any], *, steps: 
     pipe = load_pipeline(pipeline, **overrides)
     io = pipe.io
     cache = io.initialize_session(pipe, io.validate_options({}), 0)
-    rng = random.Random(0)
+    policy = RandomPolicy(io.action_model.model_json_schema(), seed=0)
     for k in range(steps):
-        action = io.validate_action(random_action(io.action_model, rng))
+        action = io.validate_action(policy(k))
         pipe.generate(k, cache, io.action_to_input(action, k))
         pipe.finalize(k, cache)
     return cache_nbytes(cache)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from typing import Any
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
@@ -26,3 +28,14 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", choices=("jpeg", "png", "raw"), default=None)
     p.add_argument("--quality", type=int, default=None, help="JPEG quality 1..100")
     p.add_argument("--options", default=None, help="start options as a JSON object")
+
+
+def parse_options(text: str | None) -> dict[str, Any] | None:
+    """The ``--options`` value: a JSON object, or ``None`` when not given.
+
+    Raises ``ValueError`` (``json.JSONDecodeError`` is one) saying what was expected.
+    """
+    options = json.loads(text) if text else None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError("--options must be a JSON object")
+    return options

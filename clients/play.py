@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from clients.actions import make_policy
-from clients.cli_options import add_server_options, add_session_options
+from clients.cli_options import add_server_options, add_session_options, parse_options
 from clients.errors import ClientError
 from clients.media import save_contact_sheet, save_gif, save_mp4
 from clients.metrics import SessionRecorder, SessionStats
@@ -156,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        options = json.loads(args.options) if args.options else None
-        if options is not None and not isinstance(options, dict):
-            raise ValueError("--options must be a JSON object")
+        options = parse_options(args.options)
         if args.steps < 1:
             raise ValueError("--steps must be >= 1")
     except ValueError as exc:

@@ -8,31 +8,13 @@ per-stage timings of the profiler.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from pipeline.overrides import parse_overrides
 from pipeline.registry import DEFAULT_PIPELINE, load_pipeline
-
-
-def random_action(model: type[BaseModel], rng: random.Random) -> dict[str, Any] | None:
-    """A random valid action built from the action model's JSON Schema (enums and ints)."""
-    schema = model.model_json_schema()
-    out: dict[str, Any] = {}
-    for name, prop in schema.get("properties", {}).items():
-        ref = prop.get("$ref") or (prop.get("allOf") or [{}])[0].get("$ref")
-        if ref:
-            prop = schema.get("$defs", {}).get(ref.split("/")[-1], prop)
-        if "enum" in prop:
-            out[name] = rng.choice(prop["enum"])
-        elif prop.get("type") == "integer":
-            out[name] = rng.randint(max(prop.get("minimum", -3), -3), min(prop.get("maximum", 3), 3))
-    return out or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loguru import logger
 
+    from clients.actions import RandomPolicy
     from clients.media import save_contact_sheet
 
     logger.remove()
@@ -70,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     options = io.validate_options(json.loads(args.options))
     cache = io.initialize_session(pipe, options, args.seed)
     scripted = [json.loads(a) for a in args.actions.split(";") if a.strip()] if args.actions else []
-    rng = random.Random(args.seed)
+    policy = RandomPolicy(io.action_model.model_json_schema(), seed=args.seed)
     frames: list[np.ndarray] = []
     stats: list[dict[str, float]] = []
     for k in range(args.steps):
-        raw = scripted[k % len(scripted)] if scripted else random_action(io.action_model, rng)
+        raw = scripted[k % len(scripted)] if scripted else policy(k)
         action = io.validate_action(raw)
         out = pipe.generate(k, cache, io.action_to_input(action, k))
         frames.extend(io.output_to_frames(out).cpu().numpy())

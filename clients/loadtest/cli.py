@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clients.cli_options import add_server_options, add_session_options
+from clients.cli_options import add_server_options, add_session_options, parse_options
 from clients.loadtest.core import LoadTestConfig, run_loadtest
 from clients.loadtest.report import format_report, plot_report
 
@@ -92,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
-    options = json.loads(args.options) if args.options else None
-    if options is not None and not isinstance(options, dict):
-        raise ValueError("--options must be a JSON object")
+    options = parse_options(args.options)
     steps = args.steps if args.steps is not None else (None if args.duration else 50)
     return LoadTestConfig(
         url=args.url,
