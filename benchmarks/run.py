@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--sessions", type=int, nargs="+", default=None, help="session counts for scaling (default 1..32)"
+    )
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -50,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
     # The in-process baselines use the same intra-op threads as the servers they are compared with.
     torch.set_num_threads(worker_torch_threads(None))
-    cfg = SuiteConfig(args.pipeline, parse_overrides(args.set), args.device, args.quick, args.out / "logs")
+    cfg = SuiteConfig(
+        args.pipeline,
+        parse_overrides(args.set),
+        args.device,
+        args.quick,
+        args.out / "logs",
+        args.sessions,
+    )
     machine = describe_machine(args.device)
     print(f"machine: {machine.line()}", flush=True)
     print(f"pipeline: {cfg.pipeline} {cfg.overrides}", flush=True)

@@ -34,6 +34,8 @@ class SuiteConfig:
     quick: bool = False
     """Fewer session counts and shorter runs (for CI-sized machines in a hurry, and the GPU check)."""
     log_dir: Path = Path("benchmarks/results/logs")
+    sessions: list[int] | None = None
+    """Session counts for the scaling benchmark; ``None`` → 1..32 (quick: 1, 4, 8)."""
 
     def set_args(self) -> list[str]:
         return [a for k, v in self.overrides.items() for a in ("--set", f"{k}={v}")]
@@ -48,6 +50,8 @@ class SuiteConfig:
 
     @property
     def session_counts(self) -> list[int]:
+        if self.sessions:
+            return sorted(set(self.sessions))
         return [1, 4, 8] if self.quick else [1, 2, 4, 8, 16, 32]
 
 
@@ -61,7 +65,7 @@ MODES: dict[str, list[str]] = {
 
 @contextmanager
 def serving(cfg: SuiteConfig, mode: str, extra: list[str] | None = None) -> Iterator[ServerProcess]:
-    """A server for ``mode`` with the suite's pipeline, up to 64 sessions, 2 steps in flight."""
+    """A server for ``mode`` with the suite's pipeline, room for every session, 2 steps in flight."""
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "--pipeline",
@@ -69,7 +73,9 @@ def serving(cfg: SuiteConfig, mode: str, extra: list[str] | None = None) -> Iter
         "--device",
         cfg.device,
         "--max-sessions",
-        "64",
+        str(max(64, 2 * max(cfg.session_counts))),
+        "--max-batch",
+        str(max(8, max(cfg.session_counts))),
         "--max-inflight",
         "2",
         "--idle-timeout",

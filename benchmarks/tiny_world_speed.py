@@ -1,11 +1,13 @@
 """Speed of the tiny-world pipeline per AR step: generate (incl. decode) and finalize, separately.
 
     python benchmarks/tiny_world_speed.py [--batches 1 8] [--dtypes float32 bfloat16]
-                                          [--compile both|off|on] [--steps 2] [--json PATH]
+                                          [--compile both|off|on] [--steps 2] [--device auto]
+                                          [--json PATH]
 
 Each configuration runs ``--warmup`` steps (compilation happens there) and then ``--iters`` timed
 steps of ``--batch`` sessions at once (``generate_batch`` / ``finalize_batch``; batch 1 uses the
-single-session path). Uses the shipped weights when present, else a random model of the same
+single-session path). On CUDA each phase ends with a device synchronise, so the times are the
+device's, not the launch queue's. Uses the shipped weights when present, else a random model of the same
 shape (speed does not depend on the weights).
 """
 
@@ -47,7 +49,7 @@ class SpeedResult:
     """Wall time of the warm-up steps (includes compilation)."""
 
 
-def build(dtype: str, compiled: bool, steps: int) -> TinyWorldPipeline:
+def build(dtype: str, compiled: bool, steps: int, device: str = "auto") -> TinyWorldPipeline:
     if weights_available(WEIGHTS_DIR):
         meta = load_meta(WEIGHTS_DIR)
         cfg = make_config(
@@ -58,10 +60,15 @@ def build(dtype: str, compiled: bool, steps: int) -> TinyWorldPipeline:
             latent_std=tuple(meta.latent_std),
             num_steps=steps,
             dtype=dtype,
+            device=device,
         )
     else:
         cfg = make_config(
-            dynamics=DynamicsConfig(), autoencoder=AutoencoderConfig(), num_steps=steps, dtype=dtype
+            dynamics=DynamicsConfig(),
+            autoencoder=AutoencoderConfig(),
+            num_steps=steps,
+            dtype=dtype,
+            device=device,
         )
     cfg.diffusion_model.transformer.compile = compiled  # type: ignore[attr-defined]
     cfg.decoder.compile = compiled  # type: ignore[union-attr]
@@ -77,6 +84,7 @@ def run(
         io.initialize_session(pipe, io.validate_options({"world_seed": 1_000_000 + i}), i)
         for i in range(batch)
     ]
+    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     moves = [int(Action.RIGHT), int(Action.DOWN), int(Action.UP_LEFT), int(Action.NONE)]
     gen_ms: list[float] = []
     fin_ms: list[float] = []
@@ -89,14 +97,17 @@ def run(
         t0 = time.perf_counter()
         if batch == 1:
             io.output_to_frames(pipe.generate(step, caches[0], inputs[0]))
+            sync()
             t1 = time.perf_counter()
             pipe.finalize(step, caches[0])
         else:
             outs = pipe.generate_batch([step] * batch, caches, inputs)
             for out in outs:
                 io.output_to_frames(out)
+            sync()
             t1 = time.perf_counter()
             pipe.finalize_batch([step] * batch, caches)
+        sync()
         t2 = time.perf_counter()
         if step >= warmup:
             gen_ms.append((t1 - t0) * 1e3)
@@ -113,18 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     compile_modes = {"both": [False, True], "off": [False], "on": [True]}[args.compile]
     results: list[SpeedResult] = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, device {args.device}")
     print("| batch | dtype | compile | generate ms | finalize ms | session-frames/s | warm-up s |")
     print("|---|---|---|---|---|---|---|")
     for compiled in compile_modes:
         for dtype in args.dtypes:
-            pipe = build(dtype, compiled, args.steps)
+            pipe = build(dtype, compiled, args.steps, args.device)
             for batch in args.batches:
                 gen_ms, fin_ms, warm_s = run(pipe, batch, args.warmup, args.iters)
                 g, f = statistics.median(gen_ms), statistics.median(fin_ms)
