@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     compile_modes = {"both": [False, True], "off": [False], "on": [True]}[args.compile]
     results: list[SpeedResult] = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, device {args.device}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, {args.device}")
     print("| batch | dtype | compile | generate ms | finalize ms | session-frames/s | warm-up s |")
     print("|---|---|---|---|---|---|---|")
     for compiled in compile_modes:
