@@ -19,6 +19,7 @@ from benchmarks.machine import describe_machine
 from benchmarks.report import BenchResult, write_results
 from benchmarks.suite import (
     BENCHMARKS,
+    MODES,
     SuiteConfig,
     bench_finalize_hiding,
     bench_memory,
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--sessions", type=int, nargs="+", default=None, help="session counts for scaling (default 1..32)"
     )
+    p.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated server modes for scaling, of {list(MODES)}"
+    )
     p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(modes) - set(MODES):
+        p.error(f"unknown mode(s) {sorted(set(modes) - set(MODES))}; choose from {list(MODES)}")
     # The in-process baselines use the same intra-op threads as the servers they are compared with.
     torch.set_num_threads(worker_torch_threads(None))
     cfg = SuiteConfig(
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         args.quick,
         args.out / "logs",
         args.sessions,
+        modes,
     )
     machine = describe_machine(args.device)
     print(f"machine: {machine.line()}", flush=True)

@@ -36,6 +36,8 @@ class SuiteConfig:
     log_dir: Path = Path("benchmarks/results/logs")
     sessions: list[int] | None = None
     """Session counts for the scaling benchmark; ``None`` → 1..32 (quick: 1, 4, 8)."""
+    modes: list[str] | None = None
+    """Server modes the scaling benchmark compares; ``None`` → all of :data:`MODES`."""
 
     def set_args(self) -> list[str]:
         return [a for k, v in self.overrides.items() for a in ("--set", f"{k}={v}")]
@@ -188,7 +190,7 @@ def bench_scaling(cfg: SuiteConfig) -> tuple[BenchResult, BenchResult]:
     """N sessions, saturating and paced at 15 fps, for each server mode."""
     rows: list[dict[str, Any]] = []
     ttff: list[dict[str, Any]] = []
-    for mode in MODES:
+    for mode in cfg.modes or list(MODES):
         with serving(cfg, mode) as srv:
             for shape in ("saturating", "paced"):
                 for n in cfg.session_counts:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,6 +63,7 @@ def worker_torch_threads(requested: int | None) -> int:
 async def build_context(config: ServerConfig) -> ServerContext:
     """Load the pipeline (off the event loop) and start its device worker."""
     torch.set_num_threads(worker_torch_threads(config.torch_threads))
+    sys.setswitchinterval(config.gil_switch_ms / 1000.0)
     t0 = time.perf_counter()
     pipeline = await asyncio.to_thread(load_served_pipeline, config)
     logger.info(

@@ -92,6 +92,13 @@ class ServerConfig(BaseModel):
         "to the event loop and codec)",
     )
     codec_threads: int = Field(2, ge=1, le=64, description="Threads that encode frames")
+    gil_switch_ms: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Python's thread switch interval (sys.setswitchinterval; Python's default is "
+        "5 ms): how long the event loop may wait for the GIL while the worker launches kernels",
+    )
 
     @field_validator("batch_sizes", mode="before")
     @classmethod

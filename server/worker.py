@@ -16,7 +16,8 @@ Per session, ``finalize(k)`` always finishes before ``generate(k + 1)`` starts: 
 most one round at a time and a round ends with its finalize.
 
 ``naive=True`` (comparison mode): one step per round, generate and finalize back to back, frames
-handed off only after finalize — what a straightforward server does.
+handed off only after finalize — what a straightforward server does (on CUDA it waits for the
+device to finish finalize before the hand-off, so naive mode really pays it).
 
 On CUDA, frames go device → pinned host memory with a non-blocking copy behind a CUDA event; the
 codec thread waits on that event (:meth:`HostFrames.numpy`); nothing in the step path synchronizes
@@ -180,6 +181,10 @@ class DeviceWorker:
         self.pipeline = pipeline
         self.io = pipeline.io
         self.naive = naive
+        device = getattr(pipeline, "device", None)
+        self._cuda_device: torch.device | None = (
+            device if isinstance(device, torch.device) and device.type == "cuda" else None
+        )
         self.supports_batching = bool(getattr(pipeline, "supports_batching", False)) and hasattr(
             pipeline, "generate_batch"
         )
@@ -456,6 +461,8 @@ class DeviceWorker:
             return
         t_fin = time.monotonic()
         failed = self._finalize([(slot, req) for slot, req, _ in done])
+        if self.naive and self._cuda_device is not None:
+            torch.cuda.synchronize(self._cuda_device)
         t_fin_end = time.monotonic()
         self.metrics.busy.add(t_fin_end - t_fin)
         for slot, req, result in done:

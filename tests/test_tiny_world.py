@@ -149,6 +149,23 @@ def test_rollout_shapes_and_determinism(tiny_pipeline: TinyWorldPipeline) -> Non
     assert frames.shape == (1, VIEW_PX, VIEW_PX, 3) and frames.dtype == torch.uint8
 
 
+def test_priming_in_one_forward_matches_frame_by_frame(tiny_pipeline: TinyWorldPipeline) -> None:
+    transformer = tiny_pipeline.diffusion_model.transformer
+    first = torch.randn(1, TINY_DYN.latent_channels, TINY_DYN.latent_size, TINY_DYN.latent_size)
+    primed = transformer.initialize_autoregressive_cache(first_latent=first, seed=3)
+    # The reference: the window filled one finalize forward at a time.
+    slow = transformer.initialize_autoregressive_cache(first_latent=first, seed=3)
+    slow.kv = transformer.net.new_cache(1, "cpu", torch.float32)
+    tokens = transformer.patchify(first)
+    sigma = torch.full((1,), transformer.config.prime_sigma)
+    with torch.no_grad():
+        for _ in range(TINY_DYN.window):
+            transformer.finalize_kv_cache(tokens, sigma, slow, int(Action.NONE))
+    assert primed.kv.num_frames == slow.kv.num_frames == TINY_DYN.window
+    assert primed.kv.frame_positions() == slow.kv.frame_positions()
+    torch.testing.assert_close(primed.kv.storage, slow.kv.storage, atol=1e-5, rtol=1e-5)
+
+
 def test_batch_matches_single_sessions(tiny_pipeline: TinyWorldPipeline) -> None:
     pipe, io = tiny_pipeline, tiny_pipeline.io
     moves = [["up", "left", "left", "down"], ["none", "right", "up_left", "up"], ["down"] * 4]
@@ -282,6 +299,8 @@ def test_shipped_model_batch_matches_single_sessions() -> None:
 
     pipe, moves = load_pipeline("tiny-world"), ["right", "down_left", "none", "up"]
     io = pipe.io
+    # On CUDA, convolutions use TF32 by default: batched and single kernels differ by ~1e-3.
+    atol = 1e-4 if pipe.device.type == "cpu" else 3e-3
     refs = [_rollout(pipe, s, moves, world_seed=s) for s in range(3)]
     caches = [io.initialize_session(pipe, io.validate_options({"world_seed": s}), s) for s in range(3)]
     for i, move in enumerate(moves):
@@ -289,4 +308,4 @@ def test_shipped_model_batch_matches_single_sessions() -> None:
         outs = pipe.generate_batch([i] * 3, caches, [action] * 3)
         pipe.finalize_batch([i] * 3, caches)
         for s, out in enumerate(outs):
-            torch.testing.assert_close(out, refs[s][i : i + 1], atol=1e-4, rtol=0)
+            torch.testing.assert_close(out, refs[s][i : i + 1], atol=atol, rtol=0)

@@ -126,7 +126,8 @@ class LatentDecoder(StreamingDecoder[None]):
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray | Tensor) -> Tensor:
         """uint8 frames ``[B, 64, 64, 3]`` (or one ``[64, 64, 3]``) → normalised latents."""
-        x = torch.as_tensor(np.asarray(frames) if not isinstance(frames, Tensor) else frames)
+        # np.array copies: callers may pass read-only views (e.g. the cached first view of a world).
+        x = frames if isinstance(frames, Tensor) else torch.from_numpy(np.array(frames))
         if x.dim() == 3:
             x = x[None]
         if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (VIEW_PX, VIEW_PX, 3):

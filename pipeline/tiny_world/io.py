@@ -10,7 +10,7 @@ from torch import Tensor
 
 from pipeline.errors import InputError
 from pipeline.io import PipelineIO, StreamSpec, float_video_to_uint8
-from pipeline.tiny_world.env import VIEW_PX, Action, WorldCamera
+from pipeline.tiny_world.env import VIEW_PX, Action, first_view
 from pipeline.tiny_world.images import decode_start_image
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class TinyWorldOptions(BaseModel):
         """uint8 ``[64, 64, 3]``: the supplied image or the world's first view."""
         if self.image is not None:
             return decode_start_image(self.image, VIEW_PX)
-        return WorldCamera.from_seed(self.world_seed).frame()
+        return first_view(self.world_seed)
 
 
 class TinyWorldIO(PipelineIO):

@@ -354,6 +354,21 @@ class DynamicsTransformer(nn.Module):
         cos, sin = self._rope(torch.arange(n, device=cache.storage.device))
         return [(apply_rope(cache.keys(i), cos, sin), cache.values(i)) for i in range(self.config.layers)]
 
+    def prime_frames(self, tokens: Tensor, sigma: Tensor, action: Tensor) -> list[KV]:
+        """Keys/values of ``F`` frames written to an empty cache, in one causal forward.
+
+        ``tokens [B, F, P, D]`` at noise ``sigma [B, F]`` after moves ``action [B, F]``; frame
+        ``i`` sits at window slot ``i`` and attends to frames ``0..i`` — the same result as
+        ``F`` calls of :meth:`forward_frame` with the cache growing by one frame each, in one
+        pass. Returns per-layer un-rotated keys/values ``[B, H, F * P, hd]``.
+        """
+        f, p = tokens.shape[1], self.config.tokens_per_frame
+        frame = torch.arange(f, device=tokens.device).repeat_interleave(p)
+        mask = frame[None, :] <= frame[:, None]
+        cond = self.condition(sigma, action)
+        _, kvs = self._run(tokens, cond, self._rope(torch.arange(f, device=tokens.device)), None, mask)
+        return kvs
+
     def forward_frame(
         self,
         tokens: Tensor,

@@ -111,12 +111,18 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             generator=torch.Generator(device=device).manual_seed(seed),
             kv=self.net.new_cache(1, device, dtype),
         )
-        tokens = self.net.patchify(first.to(device=device, dtype=dtype))
-        sigma = torch.full((1,), self.config.prime_sigma, device=device)
-        action = torch.full((1,), int(Action.NONE), device=device, dtype=torch.long)
+        # The window is filled with copies of the first frame, as if the camera had stood still.
+        k = arch.window
+        tokens = self.net.patchify(first.to(device=device, dtype=dtype)).unsqueeze(1).expand(-1, k, -1, -1)
+        sigma = torch.full((1, k), self.config.prime_sigma, device=device)
+        action = torch.full((1, k), int(Action.NONE), device=device, dtype=torch.long)
         with torch.no_grad():
-            for _ in range(arch.window):
-                self.finalize_kv_cache(tokens, sigma, cache, action)
+            kvs = self.net.prime_frames(tokens, sigma, action)
+        p = arch.tokens_per_frame
+        for i in range(k):
+            cache.kv.append_frame(
+                [(kk[:, :, i * p : (i + 1) * p], vv[:, :, i * p : (i + 1) * p]) for kk, vv in kvs]
+            )
         return cache
 
     def patchify(self, latent: Tensor) -> Tensor:
