@@ -156,8 +156,10 @@ def test_naive_mode_hands_off_after_finalize(make_worker: Any) -> None:
     with worker.hold():
         for sid in "ABC":
             submit(worker, sid, 0, sink)
+    # The synthetic cost is a busy loop on CPU (exact) and calibrated matmuls on CUDA (±20 %).
+    paid = 0.9 if pipe.device.type == "cpu" else 0.75
     for r in sink.wait(3):
-        assert r.finalize_ms >= 20 * 0.9
+        assert r.finalize_ms >= 20 * paid
     ev = {(e.kind, e.session): e for e in worker.timeline.events()}
     for sid in "ABC":
         assert ev[("handoff", sid)].t_start >= ev[("finalize", sid)].t_end
