@@ -309,3 +309,23 @@ def test_shipped_model_batch_matches_single_sessions() -> None:
         pipe.finalize_batch([i] * 3, caches)
         for s, out in enumerate(outs):
             torch.testing.assert_close(out, refs[s][i : i + 1], atol=atol, rtol=0)
+
+
+def test_texture_loss_rewards_detail_not_position() -> None:
+    from pipeline.tiny_world.train import _texture_loss
+
+    gen = torch.Generator().manual_seed(0)
+    sharp = (torch.rand(2, 3, 64, 64, generator=gen) > 0.5).float() * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    shifted = torch.roll(sharp, shifts=(0, 1), dims=(2, 3))  # same texture, edges one pixel over
+    assert float(_texture_loss(sharp, sharp)) == 0.0
+    assert float(_texture_loss(blurred, sharp)) > 0.5
+    # Shifted detail keeps its local energy: almost free, unlike for a pixel loss.
+    assert float(_texture_loss(shifted, sharp)) < 0.1 * float(_texture_loss(blurred, sharp))
+    assert float((shifted - sharp).abs().mean()) > float((blurred - sharp).abs().mean())
+    # Its gradient on a blurred image points towards more detail.
+    y = blurred.clone().requires_grad_(True)
+    _texture_loss(y, sharp).backward()
+    assert y.grad is not None
+    stepped = (y - 50.0 * y.grad).detach()
+    assert float(_texture_loss(stepped, sharp)) < float(_texture_loss(blurred, sharp))
