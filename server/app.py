@@ -83,6 +83,7 @@ async def build_context(config: ServerConfig) -> ServerContext:
         gather_window_ms=config.gather_window_ms,
         batch_sizes=config.batch_sizes,
         naive=config.naive,
+        send_first_ms=config.send_first_ms,
         timeline=timeline,
         metrics=metrics,
     )

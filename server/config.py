@@ -92,6 +92,13 @@ class ServerConfig(BaseModel):
         "to the event loop and codec)",
     )
     codec_threads: int = Field(2, ge=1, le=64, description="Threads that encode frames")
+    send_first_ms: float = Field(
+        3.0,
+        ge=0,
+        le=100,
+        description="CUDA only: before launching finalize, wait up to this long for the step's "
+        "frames to be sent (kernel launches and the event loop share the GIL); 0: launch at once",
+    )
     gil_switch_ms: float = Field(
         1.0,
         gt=0,

@@ -491,6 +491,12 @@ class Connection:
             await self._send_step(pending, result)
 
     async def _send_step(self, pending: _PendingStep, result: StepResult) -> None:
+        try:
+            await self._send_frames(pending, result)
+        finally:
+            result.mark_sent()
+
+    async def _send_frames(self, pending: _PendingStep, result: StepResult) -> None:
         session = self.session
         if session is None or result.frames is None:
             self._step_finished()
@@ -516,6 +522,7 @@ class Connection:
                 self._step_finished()
                 return
             sent_bytes += len(payload)
+        result.mark_sent()
         t_sent = time.monotonic()
         self.ctx.timeline.record("sent", session.id, pending.step, t_sent, None, result.batch)
         server_ms = (t_sent - pending.t_received) * 1000.0

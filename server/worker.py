@@ -21,7 +21,10 @@ device to finish finalize before the hand-off, so naive mode really pays it).
 
 On CUDA, frames go device → pinned host memory with a non-blocking copy behind a CUDA event; the
 codec thread waits on that event (:meth:`HostFrames.numpy`); nothing in the step path synchronizes
-the device.
+the device. Launching kernels is Python work that holds the GIL, so on CUDA the worker lets the
+batch's frames reach the socket before it launches finalize (``send_first_ms``, at most that long):
+otherwise finalize's launches and the event loop's encode-and-send take turns on the GIL and the
+frames arrive late.
 """
 
 from __future__ import annotations
@@ -104,6 +107,12 @@ class StepResult:
     t_handoff: float = 0.0
     """``time.monotonic()`` when the frames were handed to the event loop."""
     error: StepFailedError | None = None
+    sent: threading.Event = field(default_factory=threading.Event)
+    """Set by the connection once the frames are on the socket (or will never be sent)."""
+
+    def mark_sent(self) -> None:
+        """The frames left (or were dropped); lets a waiting worker launch finalize."""
+        self.sent.set()
 
 
 @dataclass
@@ -175,6 +184,7 @@ class DeviceWorker:
         gather_window_ms: float = 0.0,
         batch_sizes: list[int] | tuple[int, ...] | None = None,
         naive: bool = False,
+        send_first_ms: float = 0.0,
         timeline: Timeline | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
@@ -185,6 +195,8 @@ class DeviceWorker:
         self._cuda_device: torch.device | None = (
             device if isinstance(device, torch.device) and device.type == "cuda" else None
         )
+        self.send_first_s = send_first_ms / 1000.0 if self._cuda_device is not None else 0.0
+        """CUDA only: wait up to this long for the frames to be sent before launching finalize."""
         self.supports_batching = bool(getattr(pipeline, "supports_batching", False)) and hasattr(
             pipeline, "generate_batch"
         )
@@ -459,6 +471,11 @@ class DeviceWorker:
             done.append((slot, req, result))
         if not done:
             return
+        if self.send_first_s > 0 and not self.naive:
+            deadline = time.monotonic() + self.send_first_s
+            for _, _, result in done:
+                if not result.sent.wait(max(0.0, deadline - time.monotonic())):
+                    break
         t_fin = time.monotonic()
         failed = self._finalize([(slot, req) for slot, req, _ in done])
         if self.naive and self._cuda_device is not None:

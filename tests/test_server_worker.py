@@ -289,3 +289,36 @@ def test_batch_sizes_only_allowed_sizes_and_fair(make_worker: Any) -> None:
     order = generate_order(worker.timeline.events())
     assert [b for _, _, b in order] == [4] * 4 + [2] * 2 + [1]
     assert [s for s, _, _ in order] == list("ABCDEFG")
+
+
+def test_send_first_holds_finalize_until_frames_are_sent(make_worker: Any) -> None:
+    """The CUDA policy (``send_first_ms``), forced on for a CPU pipeline: finalize waits for
+    ``mark_sent`` of every handed-off step, but never longer than the bound."""
+    worker = make_worker(max_batch=4)
+    worker.send_first_s = 0.5  # normally set only for CUDA pipelines
+    open_sessions(worker, {"A": {"seed": 1}, "B": {"seed": 2}})
+    marked: dict[str, float] = {}
+
+    def deliver_later(result: StepResult) -> None:
+        def send() -> None:
+            time.sleep(0.05)
+            marked[result.session_id] = time.monotonic()
+            result.mark_sent()
+
+        threading.Thread(target=send, daemon=True).start()
+
+    with worker.hold():
+        for sid in "AB":
+            action = worker.io.validate_action({"x": 0})
+            worker.submit(StepRequest(sid, 0, action, time.monotonic(), deliver_later))
+    wait_for_events(worker, "finalize", 2)
+    fin = [e for e in worker.timeline.events() if e.kind == "finalize"]
+    assert min(e.t_start for e in fin) >= max(marked.values())
+    # A result nobody marks (its connection went away) delays finalize by the bound only.
+    worker.send_first_s = 0.1
+    sink = Collector()
+    t0 = time.monotonic()
+    submit(worker, "A", 1, sink)
+    wait_for_events(worker, "finalize", 3)
+    waited = time.monotonic() - t0
+    assert 0.1 <= waited < 2.0, waited
