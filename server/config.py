@@ -93,11 +93,12 @@ class ServerConfig(BaseModel):
     )
     codec_threads: int = Field(2, ge=1, le=64, description="Threads that encode frames")
     send_first_ms: float = Field(
-        3.0,
+        0.0,
         ge=0,
         le=100,
         description="CUDA only: before launching finalize, wait up to this long for the step's "
-        "frames to be sent (kernel launches and the event loop share the GIL); 0: launch at once",
+        "frames to be sent (kernel launches and the event loop share the GIL); 0 (default, the "
+        "measured behaviour): launch at once. Not yet measured on a GPU",
     )
     gil_switch_ms: float = Field(
         1.0,

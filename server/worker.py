@@ -21,10 +21,10 @@ device to finish finalize before the hand-off, so naive mode really pays it).
 
 On CUDA, frames go device → pinned host memory with a non-blocking copy behind a CUDA event; the
 codec thread waits on that event (:meth:`HostFrames.numpy`); nothing in the step path synchronizes
-the device. Launching kernels is Python work that holds the GIL, so on CUDA the worker lets the
-batch's frames reach the socket before it launches finalize (``send_first_ms``, at most that long):
-otherwise finalize's launches and the event loop's encode-and-send take turns on the GIL and the
-frames arrive late.
+the device. Launching kernels is Python work that holds the GIL, so finalize's launches and the
+event loop's encode-and-send take turns on it; ``send_first_ms`` > 0 makes the worker wait (at
+most that long) for the batch's frames to reach the socket before it launches finalize (CUDA only;
+off by default until measured on a GPU).
 """
 
 from __future__ import annotations
