@@ -91,6 +91,12 @@ class ServerConfig(BaseModel):
         description="torch intra-op threads of the worker (None: all cores but one, leaving one "
         "to the event loop and codec)",
     )
+    batch_torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads of the worker for batches of 4 or more sessions "
+        "(None: all cores; big batches keep every thread busy)",
+    )
     codec_threads: int = Field(2, ge=1, le=64, description="Threads that encode frames")
     send_first_ms: float = Field(
         0.0,

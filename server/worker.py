@@ -185,6 +185,9 @@ class DeviceWorker:
         batch_sizes: list[int] | tuple[int, ...] | None = None,
         naive: bool = False,
         send_first_ms: float = 0.0,
+        torch_threads: int | None = None,
+        batch_torch_threads: int | None = None,
+        batch_threads_from: int = 4,
         timeline: Timeline | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
@@ -197,6 +200,12 @@ class DeviceWorker:
         )
         self.send_first_s = send_first_ms / 1000.0 if self._cuda_device is not None else 0.0
         """CUDA only: wait up to this long for the frames to be sent before launching finalize."""
+        self.torch_threads = torch_threads
+        """Intra-op threads of the worker thread (``None``: leave torch's setting alone)."""
+        self.batch_torch_threads = batch_torch_threads
+        """Intra-op threads for batches of ``batch_threads_from`` or more rollouts (``None``: the
+        same as ``torch_threads``). Big batches amortise the threads' start-up; small ones lose."""
+        self.batch_threads_from = batch_threads_from
         self.supports_batching = bool(getattr(pipeline, "supports_batching", False)) and hasattr(
             pipeline, "generate_batch"
         )
@@ -325,7 +334,18 @@ class DeviceWorker:
             )  # fmt: skip
         slot.requests.clear()
 
+    def _threads_for(self, batch: int) -> int | None:
+        if self.batch_torch_threads is not None and batch >= self.batch_threads_from:
+            return self.batch_torch_threads
+        return self.torch_threads
+
+    def _set_threads(self, n: int | None) -> None:
+        # Set on this thread: OpenMP thread counts are per calling thread.
+        if n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
     def _run(self) -> None:
+        self._set_threads(self.torch_threads)
         try:
             with torch.no_grad():
                 while self._round():
@@ -372,6 +392,7 @@ class DeviceWorker:
                 self._queued_steps -= 1
         self.metrics.queue_depth.set(self._queued_steps)
         if batch:
+            self._set_threads(self._threads_for(len(batch)))
             try:
                 self._run_batch(batch)
             finally:
