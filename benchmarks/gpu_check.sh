@@ -9,8 +9,8 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR [WHEEL_DIR]
 #
 # Uses the machine's python3 and its CUDA build of torch (never installs torch). The project's
-# other dependencies come from WHEEL_DIR when given (offline machines: download them elsewhere
-# with `pip download --python-version 3.12 --only-binary=:all: ...`), else from pip.
+# other dependencies come from WHEEL_DIR when given (offline machines: make it elsewhere with
+# `bash benchmarks/gpu_wheels.sh WHEEL_DIR 3.12`), else from pip.
 # Each stage has its own time limit and a failing stage does not stop the next one; the exit
 # status is non-zero if any stage failed. OUT_DIR gets gpu_check.log, results.md, the speed JSON
 # and more.tar.gz (junit XML, per-benchmark JSON, server logs).
