@@ -322,3 +322,30 @@ def test_send_first_holds_finalize_until_frames_are_sent(make_worker: Any) -> No
     wait_for_events(worker, "finalize", 3)
     waited = time.monotonic() - t0
     assert 0.1 <= waited < 2.0, waited
+
+
+def test_big_batches_run_on_more_threads(make_worker: Any) -> None:
+    pipe = load_pipeline("synthetic", generate_ms=1, finalize_ms=1)
+    seen: list[tuple[int, int]] = []  # (batch size, torch threads) inside the worker's model calls
+    generate, generate_batch = pipe.generate, pipe.generate_batch
+
+    def spy_one(*args: Any, **kwargs: Any) -> Any:
+        seen.append((1, torch.get_num_threads()))
+        return generate(*args, **kwargs)
+
+    def spy_batch(indices: list[int], *args: Any, **kwargs: Any) -> Any:
+        seen.append((len(indices), torch.get_num_threads()))
+        return generate_batch(indices, *args, **kwargs)
+
+    pipe.generate, pipe.generate_batch = spy_one, spy_batch  # type: ignore[method-assign]
+    worker = make_worker(pipe, max_batch=4, torch_threads=1, batch_torch_threads=2, batch_threads_from=3)
+    sessions = {sid: {"seed": i} for i, sid in enumerate("ABCD")}
+    open_sessions(worker, sessions)
+    sink = Collector()
+    with worker.hold():
+        for sid in sessions:
+            submit(worker, sid, 0, sink)
+    sink.wait(4)
+    submit(worker, "A", 1, sink)
+    sink.wait(5)
+    assert seen == [(4, 2), (1, 1)]

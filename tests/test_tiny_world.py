@@ -329,3 +329,12 @@ def test_texture_loss_rewards_detail_not_position() -> None:
     assert y.grad is not None
     stepped = (y - 50.0 * y.grad).detach()
     assert float(_texture_loss(stepped, sharp)) < float(_texture_loss(blurred, sharp))
+
+
+def test_first_view_is_cached_read_only_and_exact() -> None:
+    from pipeline.tiny_world.env import WorldCamera, first_view
+
+    view = first_view(12345)
+    assert first_view(12345) is view  # built once per world seed
+    assert np.array_equal(view, WorldCamera.from_seed(12345).frame())
+    assert not view.flags.writeable  # shared by every session that starts in this world
