@@ -7,10 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from clients.actions import RandomPolicy
 from pipeline import load_pipeline
+from pipeline.device import synchronize
 from pipeline.memory import cache_nbytes
 from server.codec import FrameCodec
 from server.protocol import Codec
@@ -46,7 +45,6 @@ def inprocess_loop(
     enc = FrameCodec(threads=1)
     policy = RandomPolicy(io.action_model.model_json_schema(), seed=seed)
     device = getattr(pipe, "device", None)
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     step_ms, gen_ms, enc_ms, fin_ms = [], [], [], []
     for k in range(steps + warmup):
         action = io.validate_action(policy(k))
@@ -56,7 +54,7 @@ def inprocess_loop(
         enc.encode_frames(frames, Codec.from_name(codec), quality)
         t2 = time.perf_counter()
         pipe.finalize(k, cache)
-        sync()  # finalize's device time, not its launch time
+        synchronize(device)  # finalize's device time, not its launch time
         t3 = time.perf_counter()
         if k >= warmup:
             step_ms.append((t2 - t0) * 1000)

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.device import synchronize
 from pipeline.tiny_world.env import Action
 from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, make_config
@@ -84,7 +85,6 @@ def run(
         io.initialize_session(pipe, io.validate_options({"world_seed": 1_000_000 + i}), i)
         for i in range(batch)
     ]
-    sync = torch.cuda.synchronize if pipe.device.type == "cuda" else (lambda: None)
     moves = [int(Action.RIGHT), int(Action.DOWN), int(Action.UP_LEFT), int(Action.NONE)]
     gen_ms: list[float] = []
     fin_ms: list[float] = []
@@ -97,17 +97,17 @@ def run(
         t0 = time.perf_counter()
         if batch == 1:
             io.output_to_frames(pipe.generate(step, caches[0], inputs[0]))
-            sync()
+            synchronize(pipe.device)
             t1 = time.perf_counter()
             pipe.finalize(step, caches[0])
         else:
             outs = pipe.generate_batch([step] * batch, caches, inputs)
             for out in outs:
                 io.output_to_frames(out)
-            sync()
+            synchronize(pipe.device)
             t1 = time.perf_counter()
             pipe.finalize_batch([step] * batch, caches)
-        sync()
+        synchronize(pipe.device)
         t2 = time.perf_counter()
         if step >= warmup:
             gen_ms.append((t1 - t0) * 1e3)

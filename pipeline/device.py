@@ -40,3 +40,13 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait until ``device`` has finished the work queued on it (CUDA); no-op elsewhere.
+
+    For measuring device time and for callers that must not go on before the device has; never
+    in a hot loop that only needs results in order.
+    """
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -73,7 +73,8 @@ def batch_torch_threads(requested: int | None) -> int:
 
 async def build_context(config: ServerConfig) -> ServerContext:
     """Load the pipeline (off the event loop) and start its device worker."""
-    torch.set_num_threads(worker_torch_threads(config.torch_threads))
+    threads = worker_torch_threads(config.torch_threads)
+    torch.set_num_threads(threads)  # for loading; the worker sets its own per batch
     sys.setswitchinterval(config.gil_switch_ms / 1000.0)
     t0 = time.perf_counter()
     pipeline = await asyncio.to_thread(load_served_pipeline, config)
@@ -95,7 +96,7 @@ async def build_context(config: ServerConfig) -> ServerContext:
         batch_sizes=config.batch_sizes,
         naive=config.naive,
         send_first_ms=config.send_first_ms,
-        torch_threads=worker_torch_threads(config.torch_threads),
+        torch_threads=threads,
         batch_torch_threads=batch_torch_threads(config.batch_torch_threads),
         timeline=timeline,
         metrics=metrics,

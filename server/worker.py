@@ -43,6 +43,7 @@ import torch
 from loguru import logger
 from pydantic import BaseModel
 
+from pipeline.device import synchronize
 from server.errors import StepFailedError
 from server.metrics import ServerMetrics
 from server.timeline import Timeline
@@ -195,10 +196,10 @@ class DeviceWorker:
         self.io = pipeline.io
         self.naive = naive
         device = getattr(pipeline, "device", None)
-        self._cuda_device: torch.device | None = (
-            device if isinstance(device, torch.device) and device.type == "cuda" else None
-        )
-        self.send_first_s = send_first_ms / 1000.0 if self._cuda_device is not None else 0.0
+        self.device: torch.device | None = device if isinstance(device, torch.device) else None
+        """The pipeline's device (``None`` if it does not say)."""
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        self.send_first_s = send_first_ms / 1000.0 if on_cuda else 0.0
         """CUDA only: wait up to this long for the frames to be sent before launching finalize."""
         self.torch_threads = torch_threads
         """Intra-op threads of the worker thread (``None``: leave torch's setting alone)."""
@@ -499,8 +500,8 @@ class DeviceWorker:
                     break
         t_fin = time.monotonic()
         failed = self._finalize([(slot, req) for slot, req, _ in done])
-        if self.naive and self._cuda_device is not None:
-            torch.cuda.synchronize(self._cuda_device)
+        if self.naive:
+            synchronize(self.device)
         t_fin_end = time.monotonic()
         self.metrics.busy.add(t_fin_end - t_fin)
         for slot, req, result in done:

@@ -88,3 +88,23 @@ def test_worker_threads_leave_a_core_for_the_event_loop() -> None:
     assert worker_torch_threads(3) == 3
     cores = len(os.sched_getaffinity(0))
     assert worker_torch_threads(None) == max(1, cores - 1)
+
+
+async def test_context_applies_thread_and_gil_options() -> None:
+    import sys
+
+    from server.app import batch_torch_threads, build_context, cpu_cores
+
+    assert batch_torch_threads(3) == 3 and batch_torch_threads(None) == cpu_cores()
+    before = sys.getswitchinterval()
+    config = ServerConfig(pipeline="synthetic", torch_threads=1, gil_switch_ms=0.5, warmup=False)
+    ctx = await build_context(config)
+    try:
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert ctx.worker.torch_threads == 1
+        assert ctx.worker.batch_torch_threads == cpu_cores()
+        assert ctx.worker.send_first_s == 0.0  # CUDA only
+    finally:
+        ctx.worker.stop()
+        ctx.codec.close()
+        sys.setswitchinterval(before)
