@@ -134,6 +134,27 @@ def test_inference_path_matches_teacher_forcing() -> None:
             cache.append_frame(kvs)
 
 
+def test_shared_context_pass_matches_one_pass_training_forward() -> None:
+    """Distillation's split (context keys/values once, then noisy frames) is forward_train."""
+    torch.manual_seed(1)
+    net = DynamicsTransformer(TINY_DYN)
+    _randomise(net, seed=1)
+    b, t = 3, 5
+    z = torch.randn(b, t, 4, 8, 8)
+    sigma_ctx, actions = torch.rand(b, t) * 0.1, torch.randint(0, 9, (b, t))
+    mask, slots = net.training_mask(t)
+    context = net.encode_context(z, sigma_ctx, actions, mask, slots)
+    for sigma_level in (1.0, 0.5):
+        noisy = torch.randn(b, t - 1, 4, 8, 8)
+        sigma = torch.full((b, t - 1), sigma_level)
+        split = net.forward_noisy(context, noisy, sigma, actions, mask, slots)
+        one_pass = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots)
+        torch.testing.assert_close(split, one_pass, atol=1e-5, rtol=1e-5)
+    # Gradients reach the weights through both the shared context and the noisy pass.
+    split.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
 # ---------------------------------------------------------------------------- pipeline
 
 
@@ -267,6 +288,66 @@ def test_training_smoke_exports_loadable_weights(tmp_path: Path) -> None:
     train(cfg)
     pipe = tiny_world_config(tmp_path / "weights").setup()
     assert len(_rollout(pipe, 0, ["up", "right"])) == 2
+
+
+def _train_batch(net: DynamicsTransformer, b: int = 2, t: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    c, s = net.config.latent_channels, net.config.latent_size
+    return torch.randn(b, t, c, s, s, generator=gen), torch.randint(0, 9, (b, t), generator=gen)
+
+
+def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
+    from pipeline.tiny_world.train import (
+        RunLog,
+        TrainForward,
+        _compiled_train_forward,
+        dynamics_loss,
+        smoke_config,
+    )
+
+    cfg = smoke_config(tmp_path)
+    net = DynamicsTransformer(TINY_DYN)
+    _randomise(net, seed=2)
+    mask, slots = net.training_mask(4)
+    batch = _train_batch(net)
+    log = RunLog(tmp_path / "log.jsonl")
+    compiled = _compiled_train_forward(net, batch, mask, slots, cfg, log)
+    assert compiled != net.forward_train
+    assert all(p.grad is None for p in net.parameters()), "the compile probe must not leave gradients"
+    assert '"compile": "ok"' in log.path.read_text()
+
+    def loss_and_grads(forward: TrainForward) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net.zero_grad(set_to_none=True)
+        gen = torch.Generator().manual_seed(9)
+        loss = dynamics_loss(forward, *batch, mask, slots, gen, cfg.context_noise, cfg.amp)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    eager_loss, eager_grads = loss_and_grads(net.forward_train)
+    compiled_loss, compiled_grads = loss_and_grads(compiled)
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=2e-2, rtol=2e-2)  # bf16 autocast
+    assert len(compiled_grads) == len(eager_grads)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        assert (got - want).norm() <= 0.05 * want.norm() + 1e-6
+
+
+def test_failed_compilation_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.tiny_world import train as train_module
+
+    def broken_compile(fn: object, **_: object) -> object:
+        def run(*args: object) -> torch.Tensor:
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(train_module.torch, "compile", broken_compile)
+    net = DynamicsTransformer(TINY_DYN)
+    mask, slots = net.training_mask(4)
+    log = train_module.RunLog(tmp_path / "log.jsonl")
+    cfg = train_module.smoke_config(tmp_path)
+    forward = train_module._compiled_train_forward(net, _train_batch(net), mask, slots, cfg, log)
+    assert forward == net.forward_train
+    assert "no C++ compiler found" in log.path.read_text()
 
 
 @pytest.mark.skipif(not weights_available(WEIGHTS_DIR), reason="shipped weights not trained yet")
