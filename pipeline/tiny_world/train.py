@@ -107,7 +107,7 @@ class TrainConfig:
     """Dynamics steps between validation losses of the EMA (and at the end)."""
     compile: bool = True
     """``torch.compile`` the dynamics training step (fixed shapes: one graph). On the 2 reference
-    cores a step is ~20 % faster after ~40 s of compilation. The thread count is then fixed at
+    cores a step is 10–20 % faster after ~40 s of compilation. The thread count is then fixed at
     ``max_threads``: every thread count is a separate compilation. Falls back to eager, with a
     log line, if compilation fails (no C++ compiler, say)."""
     distill_steps: int = 400
