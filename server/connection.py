@@ -491,6 +491,7 @@ class Connection:
             await self._send_step(pending, result)
 
     async def _send_step(self, pending: _PendingStep, result: StepResult) -> None:
+        # The finally releases a worker waiting on send_first_ms on every path that drops the frames.
         try:
             await self._send_frames(pending, result)
         finally:
@@ -522,7 +523,7 @@ class Connection:
                 self._step_finished()
                 return
             sent_bytes += len(payload)
-        result.mark_sent()
+        result.mark_sent()  # as soon as the bytes are out, before the bookkeeping below
         t_sent = time.monotonic()
         self.ctx.timeline.record("sent", session.id, pending.step, t_sent, None, result.batch)
         server_ms = (t_sent - pending.t_received) * 1000.0

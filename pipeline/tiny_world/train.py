@@ -486,7 +486,8 @@ def train_dynamics(cfg: TrainConfig, data: dict[str, torch.Tensor], log: RunLog)
     tuner = ThreadTuner(cfg.max_threads, adaptive=not cfg.compile)
     forward: TrainForward = model.forward_train
     if cfg.compile:
-        pz, pa = _dyn_batch(data, torch.arange(cfg.dyn_batch) % (n - n_val), cfg.dyn_frames, val_gen)
+        probe_gen = torch.Generator().manual_seed(cfg.seed)
+        pz, pa = _dyn_batch(data, torch.arange(cfg.dyn_batch) % (n - n_val), cfg.dyn_frames, probe_gen)
         forward = _compiled_train_forward(model, (pz.to(device), pa.to(device)), mask, slots, cfg, log)
     bar = tqdm(range(start, cfg.dyn_steps), desc="dynamics", initial=start, total=cfg.dyn_steps)
     t0 = time.time()
