@@ -11,8 +11,8 @@ from clients.actions import RandomPolicy
 from pipeline import load_pipeline
 from pipeline.device import synchronize
 from pipeline.memory import cache_nbytes
+from protocol import Codec
 from server.codec import FrameCodec
-from server.protocol import Codec
 
 
 @dataclass(frozen=True)

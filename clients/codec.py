@@ -18,8 +18,8 @@ import numpy as np
 import simplejpeg
 
 from clients.errors import ProtocolViolation
-from pipeline.png import decode_png as decode_png_zlib
-from server.protocol import Codec
+from protocol import Codec
+from protocol.png import decode_png as decode_png_zlib
 
 _PILImage: Any
 try:  # optional: better GIF palettes, faster PNG
@@ -58,7 +58,7 @@ def decode_frame(codec: Codec, payload: bytes | memoryview, width: int, height: 
 def decode_png(data: bytes) -> np.ndarray:
     """Decode an 8-bit, non-interlaced PNG to uint8 RGB ``[H, W, 3]`` (alpha dropped).
 
-    Pillow when installed (faster), else :func:`pipeline.png.decode_png`."""
+    Pillow when installed (faster), else :func:`protocol.png.decode_png`."""
     if _PILImage is not None:
         with _PILImage.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))

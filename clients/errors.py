@@ -1,14 +1,14 @@
 """Typed exceptions of the dreamstream client.
 
 Every failure a client sees is a :class:`ClientError`. Errors sent by the server arrive as
-:class:`StreamError` and carry the server's :class:`~server.protocol.ErrorCode`; failures of the
+:class:`StreamError` and carry the server's :class:`~protocol.ErrorCode`; failures of the
 connection itself (refused handshake, dropped socket, malformed server messages) have their own
 classes so callers can decide whether to :meth:`~clients.stream.AsyncStreamClient.resume`.
 """
 
 from __future__ import annotations
 
-from server.protocol import ErrorCode
+from protocol import ErrorCode
 
 
 class ClientError(Exception):

@@ -1,4 +1,4 @@
-"""Saving frames: GIF, PNG contact sheet, MP4 (only with the optional ``imageio-ffmpeg`` wheel)."""
+"""Saving frames: GIF, PNG contact sheet, MP4 (ffmpeg from the ``imageio-ffmpeg`` wheel or PATH)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.codec import contact_sheet, encode_gif
-from pipeline.png import encode_png
+from protocol.png import encode_png
 
 
 def upscale(frame: np.ndarray, scale: int) -> np.ndarray:
@@ -55,14 +55,29 @@ def ffmpeg_executable() -> str | None:
         return shutil.which("ffmpeg")
 
 
-def save_mp4(frames: Sequence[np.ndarray], path: str | Path, fps: float, scale: int = 1) -> Path:
-    """H.264 MP4 via ffmpeg. Raises ``RuntimeError`` naming the fix if no ffmpeg is available."""
+NO_FFMPEG = (
+    "MP4 needs ffmpeg: pip install imageio-ffmpeg (ships a static binary) or put ffmpeg on PATH; "
+    "or leave out --mp4 and keep the GIF"
+)
+"""The one-line fix shown when no ffmpeg is found."""
+
+
+def require_ffmpeg() -> str:
+    """The ffmpeg binary :func:`save_mp4` will use; ``RuntimeError`` (:data:`NO_FFMPEG`) if none."""
     exe = ffmpeg_executable()
     if exe is None:
-        raise RuntimeError(
-            "MP4 needs ffmpeg: `pip install imageio-ffmpeg` (ships a static binary) or put "
-            "ffmpeg on PATH; or save a GIF instead (--gif)"
-        )
+        raise RuntimeError(NO_FFMPEG)
+    return exe
+
+
+def save_mp4(frames: Sequence[np.ndarray], path: str | Path, fps: float, scale: int = 1) -> Path:
+    """H.264 MP4 (yuv420p, odd sizes padded to even) via ffmpeg.
+
+    Raises ``RuntimeError`` naming the fix if no ffmpeg is available, or if ffmpeg fails.
+    """
+    if not frames:
+        raise RuntimeError("no frames to write to an MP4")
+    exe = require_ffmpeg()
     big = [upscale(f, scale) for f in frames]
     h, w, _ = big[0].shape
     if h % 2 or w % 2:  # yuv420p needs even sizes
@@ -99,5 +114,6 @@ def save_mp4(frames: Sequence[np.ndarray], path: str | Path, fps: float, scale: 
     data = b"".join(np.ascontiguousarray(f).tobytes() for f in big)
     proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+        detail = " ".join(proc.stderr.decode(errors="replace").split())[-500:]
+        raise RuntimeError(f"ffmpeg failed (exit {proc.returncode}): {detail}")
     return p

@@ -2,9 +2,9 @@
 
 Actions come from a script (``--actions up,up,left`` or ``--actions @moves.txt``) or a seeded
 random policy built from the server's action schema. Frames are saved as a GIF, a PNG contact
-sheet and/or an MP4 (MP4 needs the optional ``imageio-ffmpeg`` wheel); latency statistics are
-printed (and written as JSON with ``--stats``). Exit status: 0 ok, 1 server/connection error,
-2 bad arguments or output failure.
+sheet and/or an MP4 (MP4 needs ffmpeg: the ``imageio-ffmpeg`` wheel's or one on PATH), by default
+under ``runs/play/``; latency statistics are printed (and written as JSON with ``--stats``).
+Exit status: 0 ok, 1 server/connection error, 2 bad arguments or output failure.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ import numpy as np
 from clients.actions import make_policy
 from clients.cli_options import add_server_options, add_session_options, parse_options
 from clients.errors import ClientError
-from clients.media import save_contact_sheet, save_gif, save_mp4
+from clients.media import require_ffmpeg, save_contact_sheet, save_gif, save_mp4
 from clients.metrics import SessionRecorder, SessionStats
 from clients.stream import AsyncStreamClient
-from server.protocol import CodecName, ReadyMessage
+from protocol import DEFAULT_URL, CodecName, ReadyMessage
 
 
 @dataclass
 class PlayConfig:
     """Settings of one ``play`` run."""
 
-    url: str = "ws://127.0.0.1:8000/v1/stream"
+    url: str = DEFAULT_URL
     token: str | None = None
     steps: int = 32
     seed: int = 0
@@ -121,12 +121,13 @@ def format_stats(result: PlayResult) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dreamstream play",
-        description="Headless client: run N steps against a server, save the frames, print "
-        "latency statistics.",
+        description="Headless client: run N steps against a server, save the frames (GIF, PNG "
+        "contact sheet, MP4 with --mp4) and print latency statistics. Exit status: 0 ok, "
+        "1 server or connection error, 2 bad arguments or output failure.",
     )
     add_server_options(p)
     p.add_argument("-n", "--steps", type=int, default=32, help="AR steps (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="rollout and policy seed")
+    p.add_argument("--seed", type=int, default=0, help="rollout and policy seed (default %(default)s)")
     p.add_argument(
         "--actions",
         default=None,
@@ -140,15 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="random policy: hold each action this many steps (default %(default)s)",
     )
     add_session_options(p)
-    p.add_argument("--inflight", type=int, default=None, help="outstanding steps (pipelining)")
+    p.add_argument(
+        "--inflight",
+        type=int,
+        default=None,
+        help="outstanding steps, i.e. pipelining (default: the server's max_inflight)",
+    )
     p.add_argument("--out", default="runs/play", help="output folder (default %(default)s)")
     p.add_argument("--gif", default=None, help="GIF path (default <out>/play.gif)")
     p.add_argument("--sheet", default=None, help="contact sheet PNG (default <out>/sheet.png)")
-    p.add_argument("--mp4", default=None, help="MP4 path (needs imageio-ffmpeg or ffmpeg)")
+    p.add_argument(
+        "--mp4",
+        default=None,
+        help="also write an MP4 here, e.g. runs/play/play.mp4 (needs imageio-ffmpeg or ffmpeg on PATH)",
+    )
     p.add_argument("--no-gif", action="store_true", help="do not write a GIF")
     p.add_argument("--no-sheet", action="store_true", help="do not write a contact sheet")
-    p.add_argument("--scale", type=int, default=4, help="upscale saved frames (default 4)")
-    p.add_argument("--columns", type=int, default=8, help="contact sheet columns")
+    p.add_argument("--scale", type=int, default=4, help="upscale saved frames (default %(default)s)")
+    p.add_argument("--columns", type=int, default=8, help="contact sheet columns (default %(default)s)")
     p.add_argument("--stats", default=None, help="also write the statistics as JSON here")
     return p
 
@@ -159,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(args.options)
         if args.steps < 1:
             raise ValueError("--steps must be >= 1")
-    except ValueError as exc:
+        if args.scale < 1 or args.columns < 1:
+            raise ValueError("--scale and --columns must be >= 1")
+        if args.mp4:
+            require_ffmpeg()  # fail before playing, not after
+    except (ValueError, RuntimeError) as exc:
         print(f"dreamstream play: {exc}", file=sys.stderr)
         return 2
     config = PlayConfig(

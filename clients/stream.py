@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import websockets
-from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 
 from clients.codec import decode_frame
@@ -47,20 +46,22 @@ from clients.errors import (
     StepTimeoutError,
     StreamError,
 )
-from server.protocol import (
+from protocol import (
+    DEFAULT_URL,
     STREAM_PATH,
     CodecName,
-    EndedMessage,
     ErrorCode,
     ErrorMessage,
     FrameHeader,
     PongMessage,
+    ProtocolError,
     ReadyMessage,
+    ServerMessage,
     StepDoneMessage,
     StepTiming,
+    parse_server_message,
 )
 
-DEFAULT_URL = f"ws://127.0.0.1:8000{STREAM_PATH}"
 STEP_ERROR_CODES = frozenset({ErrorCode.BAD_ACTION, ErrorCode.OUT_OF_ORDER, ErrorCode.TOO_MANY_INFLIGHT})
 """Error codes that are about one step even when the server leaves ``step`` null."""
 
@@ -201,7 +202,7 @@ class AsyncStreamClient:
         self._ws: ClientConnection | None = None
         self._recv_task: asyncio.Task[None] | None = None
         self._pending: dict[int, _PendingStep] = {}
-        self._control: asyncio.Future[Any] | None = None
+        self._control: asyncio.Future[ServerMessage] | None = None
         self._control_kind = ""
         self._pings: dict[str, asyncio.Future[float]] = {}
         self._ping_ids = itertools.count()
@@ -355,20 +356,18 @@ class AsyncStreamClient:
 
     async def _handshake_request(self, kind: str, msg: dict[str, Any]) -> ReadyMessage:
         await self.connect()
-        raw = await self._request(kind, msg)
-        try:
-            ready = ReadyMessage.model_validate(raw)
-        except ValidationError as exc:
-            raise ProtocolViolation(f"malformed ready message: {exc}") from exc
+        ready = await self._request(kind, msg)
+        if not isinstance(ready, ReadyMessage):
+            raise ProtocolViolation(f"expected 'ready' in answer to {kind!r}, got {ready.type!r}")
         self.ready = ready
         self.next_step = ready.next_step
         self._slots = asyncio.Semaphore(self.max_inflight)
         return ready
 
-    async def _request(self, kind: str, msg: dict[str, Any]) -> Any:
+    async def _request(self, kind: str, msg: dict[str, Any]) -> ServerMessage:
         if self._control is not None and not self._control.done():
             raise NotConnectedError(f"cannot send {kind!r} while {self._control_kind!r} is pending")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[ServerMessage] = asyncio.get_running_loop().create_future()
         self._control, self._control_kind = fut, kind
         await self.send_json(msg)
         try:
@@ -542,9 +541,9 @@ class AsyncStreamClient:
         for fut in [self._control, *self._pings.values()]:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
-        for fut in self._order:  # mark retrieved so unobserved failures do not warn
-            if fut.done() and not fut.cancelled():
-                fut.exception()
+        for step_fut in self._order:  # mark retrieved so unobserved failures do not warn
+            if step_fut.done() and not step_fut.cancelled():
+                step_fut.exception()
 
     def _on_binary(self, data: bytes, now: float) -> None:
         try:
@@ -560,31 +559,26 @@ class AsyncStreamClient:
 
     def _on_text(self, text: str, now: float) -> None:
         try:
-            msg = json.loads(text)
-            kind = msg["type"]
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ProtocolViolation(f"server sent a malformed text message: {text[:200]!r}") from exc
-        if kind == "step_done":
-            self._on_step_done(StepDoneMessage.model_validate(msg), now)
-        elif kind == "error":
-            self._on_error(ErrorMessage.model_validate(msg))
-        elif kind == "ready":
+            msg = parse_server_message(text)
+        except ProtocolError as exc:
+            raise ProtocolViolation(f"server sent a message that is not protocol v1: {exc.message}") from exc
+        if isinstance(msg, StepDoneMessage):
+            self._on_step_done(msg, now)
+        elif isinstance(msg, ErrorMessage):
+            self._on_error(msg)
+        elif isinstance(msg, ReadyMessage):
             self._resolve_control(("start", "resume"), msg)
-        elif kind == "pong":
-            pong = PongMessage.model_validate(msg)
-            fut = self._pings.get(str(pong.t))
+        elif isinstance(msg, PongMessage):
+            fut = self._pings.get(str(msg.t))
             if fut is not None and not fut.done():
                 fut.set_result(now)
-        elif kind == "ended":
-            EndedMessage.model_validate(msg)
-            self._resolve_control(("end",), msg)
         else:
-            raise ProtocolViolation(f"unknown server message type {kind!r}")
+            self._resolve_control(("end",), msg)
 
-    def _resolve_control(self, kinds: tuple[str, ...], msg: Any) -> None:
+    def _resolve_control(self, kinds: tuple[str, ...], msg: ServerMessage) -> None:
         fut = self._control
         if fut is None or fut.done() or self._control_kind not in kinds:
-            raise ProtocolViolation(f"unexpected {msg.get('type')!r} message (no request pending)")
+            raise ProtocolViolation(f"unexpected {msg.type!r} message (no request pending)")
         fut.set_result(msg)
 
     def _on_step_done(self, msg: StepDoneMessage, now: float) -> None:

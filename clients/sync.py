@@ -12,8 +12,8 @@ import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
-from clients.stream import DEFAULT_URL, AsyncStreamClient, StepResult
-from server.protocol import CodecName, ReadyMessage
+from clients.stream import AsyncStreamClient, StepResult
+from protocol import DEFAULT_URL, CodecName, ReadyMessage
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 Public names follow FlashDreams' ``StreamInferencePipeline`` design, so a FlashDreams pipeline can
 be served as is; ``load_pipeline`` resolves a registered name or a ``package.module:ATTR`` path.
 
-Names are imported lazily (PEP 562), so torch-free submodules such as :mod:`pipeline.png` can be
+Names are imported lazily (PEP 562), so torch-free submodules such as :mod:`protocol.png` can be
 used without importing torch.
 """
 

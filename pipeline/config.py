@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import TypeAdapter, ValidationError
+
 from pipeline.errors import ConfigError
+from pipeline.overrides import parse_value
 
 ConfigT = TypeVar("ConfigT", bound="InstantiateConfig")
 
@@ -46,18 +51,55 @@ def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
         raise ConfigError(f"cannot set {full!r}: {type(obj).__name__} is not a config dataclass")
     names = _field_names(obj)
     if head not in names:
-        raise ConfigError(
-            f"unknown config key {full!r}: {type(obj).__name__} has no field {head!r} "
-            f"(fields: {', '.join(sorted(names))})"
+        top_level = len(path) == len(full.replace("__", ".").split("."))
+        known = (
+            f"keys: {', '.join(settable_keys(obj))}" if top_level else f"fields: {', '.join(sorted(names))}"
         )
+        raise ConfigError(f"unknown config key {full!r}: {type(obj).__name__} has no field {head!r}; {known}")
     if not rest:
-        setattr(obj, head, value)
+        setattr(obj, head, _coerce(type(obj), head, value, full))
         return obj
     child = getattr(obj, head)
     if child is None:
         raise ConfigError(f"cannot set {full!r}: {head!r} is None in {type(obj).__name__}")
     setattr(obj, head, _set_path(child, rest, value, full))
     return obj
+
+
+@functools.cache
+def _field_adapter(cls: type, name: str) -> TypeAdapter[Any] | None:
+    """A validator for field ``name`` of config class ``cls`` (``None`` if its type is unknown)."""
+    try:
+        hint = typing.get_type_hints(cls)[name]
+    except Exception:  # an annotation that does not resolve at run time
+        return None
+    if hint is Any or (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+        return None
+    try:
+        return TypeAdapter(hint)
+    except Exception:  # a type pydantic cannot validate (e.g. an arbitrary class)
+        return None
+
+
+def _coerce(cls: type, name: str, value: Any, full: str) -> Any:
+    """``value`` converted to the declared type of ``cls.name``; text (``--set k=v``) is read as
+    that type. Raises :class:`ConfigError` naming the key, the type and the value."""
+    adapter = _field_adapter(cls, name)
+    if adapter is None:
+        return parse_value(value) if isinstance(value, str) else value
+    attempts: list[Any] = [value]
+    if isinstance(value, str):
+        attempts.append(parse_value(value))
+    for candidate in attempts:
+        try:
+            return adapter.validate_python(candidate)
+        except ValidationError as exc:
+            error = exc
+    expected = typing.get_type_hints(cls)[name]
+    shown = getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+    raise ConfigError(
+        f"config key {full!r} takes {shown}, got {value!r} ({error.errors()[0]['msg'].lower()})"
+    )
 
 
 def derive_config(base: ConfigT, **changes: Any) -> ConfigT:
@@ -80,6 +122,26 @@ def derive_config(base: ConfigT, **changes: Any) -> ConfigT:
                 raise ConfigError(f"config key {key!r} is ambiguous; use one of: {options}")
         out = _set_path(out, parts, value, key)
     return out
+
+
+def settable_keys(obj: Any) -> list[str]:
+    """Every key ``derive_config`` takes for ``obj``: a leaf field's own name where that is
+    unambiguous, else its dotted path."""
+    paths: list[list[str]] = []
+
+    def walk(node: Any, prefix: list[str]) -> None:
+        for name in _field_names(node):
+            child = getattr(node, name)
+            if dataclasses.is_dataclass(child) and not isinstance(child, type):
+                walk(child, [*prefix, name])
+            else:
+                paths.append([*prefix, name])
+
+    walk(obj, [])
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path[-1]] = counts.get(path[-1], 0) + 1
+    return sorted(path[-1] if counts[path[-1]] == 1 else ".".join(path) for path in paths)
 
 
 def _find_field(obj: Any, name: str, prefix: list[str]) -> list[list[str]]:

@@ -22,16 +22,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from typing_extensions import TypeVar
 
 from pipeline.errors import InputError
 
 if TYPE_CHECKING:
     from pipeline.stream_pipeline import StreamInferencePipeline, StreamInferencePipelineCache
+
+
+PipelineT = TypeVar("PipelineT", default="StreamInferencePipeline")
+"""The pipeline an adapter serves (a :class:`StreamInferencePipeline` unless said otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -48,19 +53,19 @@ class StreamSpec:
     """Nominal playback rate in frames per second."""
 
 
-class PipelineIO(ABC):
+class PipelineIO(ABC, Generic[PipelineT]):
     """Bridge between client messages and one pipeline's tensors (see module docstring)."""
 
     action_model: type[BaseModel]
     options_model: type[BaseModel]
 
     @abstractmethod
-    def stream_spec(self, pipeline: StreamInferencePipeline, options: BaseModel) -> StreamSpec:
+    def stream_spec(self, pipeline: PipelineT, options: BaseModel) -> StreamSpec:
         """Stream geometry for a session started with ``options``."""
 
     @abstractmethod
     def initialize_session(
-        self, pipeline: StreamInferencePipeline, options: BaseModel, seed: int
+        self, pipeline: PipelineT, options: BaseModel, seed: int
     ) -> StreamInferencePipelineCache:
         """A fresh per-rollout cache. Everything random in the rollout derives from ``seed``."""
 

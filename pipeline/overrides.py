@@ -1,4 +1,4 @@
-"""Parsing ``--set key=value`` config overrides from the command line or environment."""
+"""Parsing ``--set key=value`` config overrides from the command line."""
 
 from __future__ import annotations
 
@@ -24,12 +24,16 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["generate_ms=40", "frames_per_step=4"]`` → ``{"generate_ms": 40, "frames_per_step": 4}``."""
-    out: dict[str, Any] = {}
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """``["generate_ms=40", "name=x"]`` → ``{"generate_ms": "40", "name": "x"}``.
+
+    Values stay text: :func:`pipeline.config.derive_config` reads each as the type of the config
+    field it sets (so ``name=123`` stays a string and ``num_steps=abc`` is refused).
+    """
+    out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key=value (e.g. generate_ms=40)")
-        out[key.strip()] = parse_value(value)
+        out[key.strip()] = value
     return out

@@ -56,6 +56,9 @@ class StreamInferencePipelineConfig(InstantiateConfig):
     """``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``."""
     dtype: str = "auto"
     """``auto`` (bf16 on CUDA, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``."""
+    io: PipelineIO | None = None
+    """How the server talks to the pipeline: action and options schemas, stream description,
+    session start, action → input, output → frames. ``None``: :class:`~pipeline.io.TensorIO`."""
 
 
 @dataclass(kw_only=True)
@@ -76,6 +79,9 @@ class StreamInferencePipelineCache(
     """AR index of the latest ``generate``."""
     event_profiler: EventProfiler | None = None
     """This step's profiler (only with ``enable_sync_and_profile``)."""
+    rng_before_generate: Tensor | None = None
+    """The rollout generator's state before the latest batched ``generate`` (``undo_generate``
+    restores it, so a step run again after a failed batch draws the same noise)."""
 
 
 class StreamInferencePipeline(
@@ -93,6 +99,8 @@ class StreamInferencePipeline(
         self.encoder = config.encoder.setup() if config.encoder is not None else None
         self.decoder = config.decoder.setup() if config.decoder is not None else None
         self.diffusion_model = config.diffusion_model.setup()
+        self.io: PipelineIO = config.io if config.io is not None else TensorIO()
+        """How the server talks to this pipeline (from ``config.io``)."""
         device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, device)
         self.to(device=device, dtype=self.dtype)
@@ -103,13 +111,9 @@ class StreamInferencePipeline(
         return self.diffusion_model.device
 
     @property
-    def io(self) -> PipelineIO:
-        """How the server talks to this pipeline; subclasses override (default: :class:`TensorIO`)."""
-        io = getattr(self, "_io", None)
-        if io is None:
-            io = TensorIO()
-            self._io = io
-        return io
+    def name(self) -> str:
+        """The pipeline's name (``config.name``), as the server reports it."""
+        return self.config.name
 
     @property
     def supports_batching(self) -> bool:
@@ -266,6 +270,18 @@ class StreamInferencePipeline(
         )
         return stats
 
+    def undo_generate(self, autoregressive_index: int, cache: StreamInferencePipelineCache) -> None:
+        """Forget a ``generate(autoregressive_index)`` that failed (or ran as part of a failed
+        batch): the cache is again as after ``finalize(autoregressive_index - 1)``, so the step can
+        be generated again. ``generate`` never writes the KV cache, so nothing else changes."""
+        cache.autoregressive_index = autoregressive_index - 1 if autoregressive_index > 0 else None
+        cache.final_state = None
+        cache.event_profiler = None
+        generator = cache.transformer_cache.generator
+        if cache.rng_before_generate is not None and generator is not None:
+            generator.set_state(cache.rng_before_generate)
+        cache.rng_before_generate = None
+
     # ---- several rollouts at once ----------------------------------------------------------
     @torch.no_grad()
     def generate_batch(
@@ -297,6 +313,8 @@ class StreamInferencePipeline(
         ]
         for idx, cache in zip(autoregressive_indices, caches, strict=True):
             cache.autoregressive_index = idx
+            generator = cache.transformer_cache.generator
+            cache.rng_before_generate = generator.get_state() if generator is not None else None
         cleans, states = self.diffusion_model.generate_batch(
             autoregressive_indices, [c.transformer_cache for c in caches], encoded
         )

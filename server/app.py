@@ -23,15 +23,23 @@ from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
 from pipeline.registry import load_pipeline
+from pipeline.served import ServedPipeline, as_served
+from protocol import PROTOCOL_VERSION, STREAM_PATH, CloseCode, Codec
 from server.codec import FrameCodec
 from server.config import ServerConfig
 from server.connection import Connection, authorized
 from server.context import ServerContext
 from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.protocol import PROTOCOL_VERSION, STREAM_PATH, CloseCode, Codec
 from server.sessions import SessionManager
 from server.timeline import Timeline
-from server.worker import DeviceWorker, StepRequest, StepResult, resolve_in_loop
+from server.worker import (
+    DeviceWorker,
+    NaiveSchedule,
+    OverlapSchedule,
+    StepRequest,
+    StepResult,
+    resolve_in_loop,
+)
 
 WARMUP_SESSION = "warmup"
 
@@ -40,12 +48,12 @@ class WarmupError(RuntimeError):
     """The start-up step (generate + finalize + encode) failed; the server cannot serve."""
 
 
-def load_served_pipeline(config: ServerConfig) -> Any:
+def load_served_pipeline(config: ServerConfig) -> ServedPipeline:
     """``load_pipeline(config.pipeline, **overrides)``; ``device`` is passed unless ``auto``."""
     overrides = dict(config.pipeline_overrides)
     if config.device != "auto":
         overrides.setdefault("device", config.device)
-    return load_pipeline(config.pipeline, **overrides)
+    return as_served(load_pipeline(config.pipeline, **overrides), config.pipeline)
 
 
 def cpu_cores() -> int:
@@ -81,21 +89,19 @@ async def build_context(config: ServerConfig) -> ServerContext:
     logger.info(
         "pipeline {!r} loaded on {} in {:.2f} s (batching: {})",
         config.pipeline,
-        getattr(pipeline, "device", "?"),
+        pipeline.device,
         time.perf_counter() - t0,
-        bool(getattr(pipeline, "supports_batching", False)),
+        pipeline.supports_batching,
     )
     metrics = ServerMetrics()
-    if hasattr(pipeline, "device"):
-        metrics.watch_device(pipeline.device)
+    metrics.watch_device(pipeline.device)
     timeline = Timeline(config.timeline_size)
     worker = DeviceWorker(
         pipeline,
         max_batch=config.max_batch,
         gather_window_ms=config.gather_window_ms,
         batch_sizes=config.batch_sizes,
-        naive=config.naive,
-        send_first_ms=config.send_first_ms,
+        schedule=NaiveSchedule() if config.naive else OverlapSchedule(),
         torch_threads=threads,
         batch_torch_threads=batch_torch_threads(config.batch_torch_threads),
         timeline=timeline,
@@ -108,7 +114,6 @@ async def build_context(config: ServerConfig) -> ServerContext:
     return ServerContext(
         config=config,
         pipeline=pipeline,
-        pipeline_name=config.pipeline,
         worker=worker,
         sessions=sessions,
         codec=FrameCodec(config.codec_threads, config.png_level),
@@ -176,7 +181,7 @@ def web_client_dir() -> Path | None:
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The server app for ``config`` (default: from ``DREAMSTREAM_*`` environment variables)."""
-    cfg = config or ServerConfig.from_sources()
+    cfg = config or ServerConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,7 +194,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             logger.info(
                 "ready: {} on {} (max_sessions {}, max_inflight {}, max_batch {}, naive {})",
                 cfg.pipeline,
-                getattr(ctx.pipeline, "device", "?"),
+                ctx.pipeline.device,
                 cfg.max_sessions,
                 cfg.max_inflight,
                 ctx.worker.max_batch,
@@ -246,7 +251,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             "protocol": PROTOCOL_VERSION,
             "stream_path": STREAM_PATH,
             "pipeline": ctx.pipeline_name,
-            "device": str(getattr(ctx.pipeline, "device", "unknown")),
+            "device": str(ctx.pipeline.device),
             "stream": stream,
             "codecs": [c.wire_name for c in Codec],
             "default_codec": cfg.codec,

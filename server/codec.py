@@ -15,8 +15,8 @@ from typing import Protocol, Union
 import numpy as np
 import simplejpeg
 
-from pipeline.png import encode_png
-from server.protocol import Codec
+from protocol import Codec
+from protocol.png import encode_png
 
 
 class HasNumpy(Protocol):

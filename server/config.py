@@ -1,118 +1,125 @@
-"""Server configuration: one typed object, filled from defaults, environment and the command line.
+"""Server configuration: every ``dreamstream serve`` option, declared once.
 
-Every field can be set by an environment variable ``DREAMSTREAM_<FIELD NAME IN CAPITALS>``
-(e.g. ``DREAMSTREAM_MAX_SESSIONS=32``, ``DREAMSTREAM_PIPELINE_OVERRIDES='{"generate_ms": 40}'``);
-explicit arguments (the CLI) win over the environment, which wins over the defaults.
+Each field of :class:`ServerConfig` is at the same time a command-line flag (``--max-sessions``),
+an environment variable (``DREAMSTREAM_MAX_SESSIONS``), a typed and validated value, and a line
+of ``dreamstream serve --help`` with its default (pydantic-settings builds all four from the
+field). Precedence: flags > keyword values (:func:`load_config`, ``ServerConfig(...)``) >
+environment > defaults. Pipeline config
+overrides are the one option with their own flag syntax: ``--set KEY=VALUE`` (repeatable), added
+to those of the environment variable ``DREAMSTREAM_PIPELINE_OVERRIDES`` (a JSON object).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping
-from typing import Any, Literal
+import argparse
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, CliSuppress, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
+from pipeline.errors import ConfigError
+from pipeline.overrides import parse_overrides
 from pipeline.registry import DEFAULT_PIPELINE
+from protocol import DEFAULT_HOST, DEFAULT_PORT, CodecName
 
 ENV_PREFIX = "DREAMSTREAM_"
+PROG = "dreamstream serve"
+DESCRIPTION = (
+    "Serve a world-model pipeline over WebSocket (protocol v1, see docs/protocol.md). Every option "
+    f"is also the environment variable {ENV_PREFIX}<OPTION> (shown as [env: ...]); flags win."
+)
 
 
 class ConfigValueError(ValueError):
     """An option (from the CLI or an environment variable) has a value that cannot be used."""
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(BaseSettings):
     """Everything ``dreamstream serve`` can be told. Units are in the field names (_s, _ms, _bytes)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+        cli_prog_name=PROG,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_show_env_vars=True,
+        cli_exit_on_error=False,
+    )
 
-    host: str = Field("127.0.0.1", description="Interface to listen on")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
-    pipeline: str = Field(
-        DEFAULT_PIPELINE, description="Registered pipeline name or import path 'pkg.module:ATTR'"
-    )
-    pipeline_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Config overrides passed to load_pipeline (--set k=v)"
-    )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    max_sessions: int = Field(64, ge=1, description="Sessions held at once (attached or resumable)")
-    idle_timeout_s: float = Field(
-        60.0, gt=0, description="A session (or connection without one) with no step this long ends"
-    )
-    resume_window_s: float = Field(
-        30.0, ge=0, description="How long a disconnected session is kept for 'resume' (0: never)"
-    )
-    max_inflight: int = Field(
-        2, ge=1, le=64, description="Steps a client may have outstanding (advertised in 'ready')"
-    )
-    max_batch: int = Field(8, ge=1, le=256, description="Most sessions' steps run as one batched generate")
-    batch_sizes: list[int] | None = Field(
-        None,
-        description="Only run batches of these sizes, e.g. '1,2,4,8' (for pipelines compiled "
-        "for fixed shapes; the warm-up then runs each size once). Default: any size",
-    )
-    gather_window_ms: float = Field(
-        0.0, ge=0, le=1000, description="Wait this long for more ready steps before a batch"
-    )
-    naive: bool = Field(
-        False,
-        description="Comparison mode: generate and finalize back to back before answering, "
-        "one step at a time (no batching, no finalize overlap)",
-    )
-    codec: Literal["jpeg", "png", "raw"] = Field("jpeg", description="Default frame codec")
-    quality: int = Field(85, ge=1, le=100, description="Default JPEG quality")
-    png_level: int = Field(1, ge=0, le=9, description="zlib level of PNG frames")
-    token: str | None = Field(
-        None, description="If set, clients must give it (Authorization: Bearer or ?token=)"
-    )
-    json_logs: bool = Field(False, description="Log one JSON object per line")
-    log_level: str = Field("INFO", description="Minimum log level")
-    debug_timeline: bool = Field(False, description="Serve the worker timeline at /debug/timeline")
-    timeline_size: int = Field(4096, ge=16, description="Events kept by the worker timeline")
-    max_message_bytes: int = Field(
-        65536, ge=256, description="Largest client text message; bigger ones get too_large + 1009"
-    )
-    ws_max_size_bytes: int = Field(
-        1 << 20,
-        ge=1024,
-        description="Protocol-level frame limit (the connection is closed 1009 by uvicorn above it)",
-    )
-    ping_interval_s: float = Field(20.0, gt=0, description="WebSocket keepalive ping interval")
-    ping_timeout_s: float = Field(20.0, gt=0, description="Close if a keepalive pong is this late")
-    shutdown_grace_s: float = Field(
-        10.0, ge=0, description="On SIGTERM, wait this long for in-flight steps before closing"
-    )
-    warmup: bool = Field(True, description="Run one full step before /readyz says ready")
-    torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch intra-op threads of the worker (None: all cores but one, leaving one "
-        "to the event loop and codec)",
-    )
-    batch_torch_threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch intra-op threads of the worker for batches of 4 or more sessions "
-        "(None: all cores; big batches keep every thread busy)",
-    )
-    codec_threads: int = Field(2, ge=1, le=64, description="Threads that encode frames")
-    send_first_ms: float = Field(
-        0.0,
-        ge=0,
-        le=100,
-        description="CUDA only: before launching finalize, wait up to this long for the step's "
-        "frames to be sent (kernel launches and the event loop share the GIL); 0 (default, the "
-        "measured behaviour): launch at once. Not yet measured on a GPU",
-    )
-    gil_switch_ms: float = Field(
-        1.0,
-        gt=0,
-        le=100,
-        description="Python's thread switch interval (sys.setswitchinterval; Python's default is "
-        "5 ms): how long the event loop may wait for the GIL while the worker launches kernels",
-    )
+    host: str = DEFAULT_HOST
+    """Interface to listen on."""
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    """TCP port (0: any free port)."""
+    pipeline: str = DEFAULT_PIPELINE
+    """Registered pipeline name (synthetic, tiny-world) or import path 'package.module:ATTR'."""
+    app_dir: str = "."
+    """Directory put first on the import path, so 'package.module:ATTR' resolves from it."""
+    pipeline_overrides: CliSuppress[dict[str, Any]] = Field(default_factory=dict)
+    """Pipeline config overrides (--set KEY=VALUE; in the environment a JSON object)."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
+    max_sessions: int = Field(default=64, ge=1)
+    """Sessions held at once (attached or resumable)."""
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    """A session (or a connection without one) with no step this long ends."""
+    resume_window_s: float = Field(default=30.0, ge=0)
+    """How long a disconnected session is kept for 'resume' (0: never)."""
+    max_inflight: int = Field(default=2, ge=1, le=64)
+    """Steps a client may have outstanding (advertised in 'ready')."""
+    max_batch: int = Field(default=8, ge=1, le=256)
+    """Most sessions' steps run as one batched generate."""
+    batch_sizes: Annotated[list[int] | None, NoDecode] = None
+    """Only run batches of these sizes, e.g. 1,2,4,8 (for pipelines compiled for fixed shapes;
+    the warm-up then runs each size once); none: any size."""
+    gather_window_ms: float = Field(default=0.0, ge=0, le=1000)
+    """Wait this long for more ready steps before running a batch."""
+    naive: bool = False
+    """Comparison mode: generate and finalize back to back before answering, one step at a time
+    (no batching, no finalize overlap)."""
+    codec: CodecName = "jpeg"
+    """Default frame codec."""
+    quality: int = Field(default=85, ge=1, le=100)
+    """Default JPEG quality."""
+    png_level: int = Field(default=1, ge=0, le=9)
+    """zlib level of PNG frames."""
+    codec_threads: int = Field(default=2, ge=1, le=64)
+    """Threads that encode frames."""
+    token: str | None = None
+    """If set, clients must give it (Authorization: Bearer, or ?token=)."""
+    json_logs: bool = False
+    """Log one JSON object per line."""
+    log_level: str = "INFO"
+    """Minimum log level (DEBUG, INFO, WARNING, ERROR)."""
+    debug_timeline: bool = False
+    """Serve the device worker's recent events at /debug/timeline."""
+    timeline_size: int = Field(default=4096, ge=16)
+    """Events kept by the worker timeline."""
+    max_message_bytes: int = Field(default=65536, ge=256)
+    """Largest client text message; bigger ones get too_large and close 1009."""
+    ws_max_size_bytes: int = Field(default=1 << 20, ge=1024)
+    """WebSocket frame limit (uvicorn closes the connection with 1009 above it)."""
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    """WebSocket keepalive ping interval."""
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    """Close a connection whose keepalive pong is this late."""
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    """On SIGTERM, wait this long for in-flight steps before closing."""
+    warmup: bool = True
+    """Run one full step (and each of --batch-sizes) before /readyz says ready."""
+    torch_threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads of the worker for small batches; none: all cores but one,
+    leaving one to the event loop and the codec."""
+    batch_torch_threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads of the worker for batches of 4 or more sessions; none: all cores."""
+    gil_switch_ms: float = Field(default=1.0, gt=0, le=100)
+    """Python's thread switch interval (Python's default is 5 ms): how long the event loop may wait
+    for the GIL while the worker launches kernels."""
 
     @field_validator("batch_sizes", mode="before")
     @classmethod
@@ -132,42 +139,61 @@ class ServerConfig(BaseModel):
             raise ValueError(f"batch sizes must be >= 1, got {value}")
         return sorted(set(value)) if value else None
 
+    @field_validator("token", mode="before")
     @classmethod
-    def from_sources(
-        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-    ) -> ServerConfig:
-        """Defaults ← ``DREAMSTREAM_*`` environment ← ``overrides`` (explicit values win).
-
-        Raises :class:`ConfigValueError` naming the option and what was expected.
-        """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None:
-                values[name] = _env_value(name, raw)
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
-                for e in exc.errors()
-            )
-            raise ConfigValueError(f"invalid server option(s): {problems}") from None
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return value or None
 
 
-def _env_value(name: str, raw: str) -> Any:
-    if name == "pipeline_overrides":
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigValueError(
-                f"{ENV_PREFIX}PIPELINE_OVERRIDES must be a JSON object, e.g. '{{\"generate_ms\": 40}}': {exc}"
-            ) from None
-        if not isinstance(value, dict):
-            raise ConfigValueError(f"{ENV_PREFIX}PIPELINE_OVERRIDES must be a JSON object")
-        return value
-    if name == "token":
-        return raw or None
-    return raw
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The root parser of ``dreamstream serve``: ``--set``; the fields' flags are added to it."""
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, add_help=add_help)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Pipeline config override, repeatable (e.g. --set generate_ms=40 --set width=128); "
+        "the value is converted to the type of that config field "
+        f"[env: {ENV_PREFIX}PIPELINE_OVERRIDES as a JSON object]",
+    )
+    return parser
+
+
+def load_config(argv: list[str] | None = None, **values: Any) -> ServerConfig:
+    """Flags in ``argv`` > ``values`` > ``DREAMSTREAM_*`` environment > defaults.
+
+    ``--help`` prints the help and exits 0. Raises :class:`ConfigValueError` with one line naming
+    the option and what was wrong.
+    """
+    try:
+        pairs = build_parser(add_help=False).parse_known_args(argv or [])[0].set
+        if pairs:
+            values.setdefault("pipeline_overrides", parse_overrides(pairs))
+        source: CliSettingsSource[ServerConfig] = CliSettingsSource(
+            ServerConfig, root_parser=build_parser(), cli_parse_args=argv or []
+        )
+        return ServerConfig(_cli_settings_source=source, **values)  # type: ignore[call-arg]
+    except ConfigError as exc:
+        raise ConfigValueError(f"--set: {exc}") from None
+    except SettingsError as exc:
+        raise ConfigValueError(_settings_error(exc)) from None
+    except ValidationError as exc:
+        raise ConfigValueError(describe_config_error(exc)) from None
+
+
+def _settings_error(exc: SettingsError) -> str:
+    text = str(exc).replace("error parsing CLI: ", "")
+    if "PIPELINE_OVERRIDES" in text.upper() or "pipeline_overrides" in text:
+        return f"{ENV_PREFIX}PIPELINE_OVERRIDES must be a JSON object, e.g. '{{\"generate_ms\": 40}}'"
+    return text
+
+
+def describe_config_error(exc: ValidationError) -> str:
+    """One line: ``--flag (DREAMSTREAM_NAME): problem (got value)`` for each bad option."""
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "option"
+        flag = "--" + name.replace("_", "-")
+        parts.append(f"{flag} ({ENV_PREFIX}{name.upper()}): {err['msg']} (got {err.get('input')!r})")
+    return "invalid option: " + "; ".join(parts)

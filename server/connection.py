@@ -16,7 +16,6 @@ connection; a connection that is lost (no close from us) leaves its session resu
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from dataclasses import dataclass
@@ -26,24 +25,26 @@ from loguru import logger
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocket, WebSocketState
 
-from server.errors import ProtocolError
-from server.protocol import (
-    CLIENT_MESSAGE,
-    CLIENT_MESSAGE_TYPES,
+from protocol import (
+    ClientMessage,
     CloseCode,
     Codec,
     EndedMessage,
     EndMessage,
     ErrorCode,
+    ErrorMessage,
     FrameHeader,
     PingMessage,
     PongMessage,
+    ProtocolError,
     ReadyMessage,
     ResumeMessage,
     StartMessage,
     StepDoneMessage,
     StepMessage,
     StepTiming,
+    describe_validation_error,
+    parse_client_message,
 )
 from server.sessions import Session
 from server.worker import StepRequest, StepResult, WorkerStoppedError, resolve_in_loop
@@ -63,58 +64,6 @@ class _PendingStep:
     t_received: float
     client_ts: float | None
     result: asyncio.Future[StepResult]
-
-
-def describe_validation_error(exc: Exception, skip_loc: int = 0) -> str:
-    """pydantic errors → ``"field: problem (got value)"`` phrases, joined by ``; ``."""
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    parts: list[str] = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"][skip_loc:]) or "value"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            parts.append(f"unexpected field {loc!r}")
-        elif kind == "missing":
-            parts.append(f"missing required field {loc!r}")
-        else:
-            parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
-
-
-def parse_client_message(text: str) -> BaseModel:
-    """Text message → one of the client message models; :class:`ProtocolError` ``bad_message``
-    saying what was wrong and what was expected."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"message is not valid JSON ({exc.msg} at character {exc.pos}); expected a JSON "
-            "object with a 'type' field",
-        ) from None
-    if not isinstance(data, dict):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"expected a JSON object with a 'type' field, got a JSON {type(data).__name__}",
-        )
-    kind = data.get("type")
-    step = data.get("step") if isinstance(data.get("step"), int) else None
-    if kind not in CLIENT_MESSAGE_TYPES:
-        what = "missing 'type' field" if kind is None else f"unknown message type {kind!r}"
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"{what}; expected one of: {', '.join(CLIENT_MESSAGE_TYPES)}",
-            step=step,
-        )
-    try:
-        return CLIENT_MESSAGE.validate_python(data)  # type: ignore[no-any-return]
-    except ValidationError as exc:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"bad {kind!r} message: {describe_validation_error(exc, skip_loc=1)}",
-            step=step,
-        ) from None
 
 
 class Connection:
@@ -250,7 +199,7 @@ class Connection:
         self.ctx.metrics.errors.labels(code=err.code.value).inc()
         level = "WARNING" if err.fatal or err.code is ErrorCode.INTERNAL else "INFO"
         self.log.log(level, "error {} (fatal={}): {}", err.code.value, err.fatal, err.message)
-        await self._send_text(err.to_message())
+        await self._send_text(ErrorMessage.from_error(err))
 
     # ---- receive loop ------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
@@ -299,7 +248,7 @@ class Connection:
             ErrorCode.TOO_LARGE, f"message of {size} bytes exceeds the limit of {limit} bytes"
         )
 
-    async def _handle(self, msg: BaseModel) -> None:
+    async def _handle(self, msg: ClientMessage) -> None:
         if isinstance(msg, StepMessage):
             self._on_step(msg)
         elif isinstance(msg, PingMessage):
@@ -491,13 +440,6 @@ class Connection:
             await self._send_step(pending, result)
 
     async def _send_step(self, pending: _PendingStep, result: StepResult) -> None:
-        # The finally releases a worker waiting on send_first_ms on every path that drops the frames.
-        try:
-            await self._send_frames(pending, result)
-        finally:
-            result.mark_sent()
-
-    async def _send_frames(self, pending: _PendingStep, result: StepResult) -> None:
         session = self.session
         if session is None or result.frames is None:
             self._step_finished()
@@ -523,7 +465,6 @@ class Connection:
                 self._step_finished()
                 return
             sent_bytes += len(payload)
-        result.mark_sent()  # as soon as the bytes are out, before the bookkeeping below
         t_sent = time.monotonic()
         self.ctx.timeline.record("sent", session.id, pending.step, t_sent, None, result.batch)
         server_ms = (t_sent - pending.t_received) * 1000.0

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from pipeline.served import ServedPipeline
 from server.codec import FrameCodec
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
@@ -24,9 +25,7 @@ class ServerContext:
     """The served pipeline, its worker, the session map and the open connections."""
 
     config: ServerConfig
-    pipeline: Any
-    pipeline_name: str
-    """Name clients may give in ``start.pipeline`` (the ``--pipeline`` value)."""
+    pipeline: ServedPipeline
     worker: DeviceWorker
     sessions: SessionManager
     codec: FrameCodec
@@ -38,9 +37,14 @@ class ServerContext:
     draining: bool = False
     """Shutting down: no new sessions or steps."""
 
+    @property
+    def pipeline_name(self) -> str:
+        """The served pipeline's own name (``ready.pipeline``, ``/v1/info``)."""
+        return self.pipeline.name
+
     def accepts_pipeline_name(self, name: str) -> bool:
-        internal = getattr(getattr(self.pipeline, "config", None), "name", None)
-        return name in {self.pipeline_name, internal}
+        """``start.pipeline`` may give the pipeline's name or the ``--pipeline`` it was served as."""
+        return name in {self.pipeline.name, self.config.pipeline}
 
     def action_schema(self) -> dict[str, Any]:
         return self.pipeline.io.action_model.model_json_schema()

@@ -1,33 +1,8 @@
-"""Typed errors of the server. Each maps to one protocol ``error`` message."""
+"""Typed errors of the server: the protocol errors it raises for sessions, and a failed model call."""
 
 from __future__ import annotations
 
-from server.protocol import FATAL_CLOSE, CloseCode, ErrorCode, ErrorMessage
-
-
-class ProtocolError(Exception):
-    """Something a client did (or a condition of the server) that it is told about.
-
-    ``fatal`` defaults to whether ``code`` has a close code in :data:`FATAL_CLOSE`; a fatal error
-    is followed by closing the connection with :attr:`close_code`.
-    """
-
-    def __init__(
-        self, code: ErrorCode, message: str, *, step: int | None = None, fatal: bool | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.step = step
-        self.fatal = code in FATAL_CLOSE if fatal is None else fatal
-
-    @property
-    def close_code(self) -> CloseCode:
-        """WebSocket close code sent after this error when it is fatal (1008 if unlisted)."""
-        return FATAL_CLOSE.get(self.code, CloseCode.POLICY)
-
-    def to_message(self) -> ErrorMessage:
-        return ErrorMessage(code=self.code, message=self.message, step=self.step, fatal=self.fatal)
+from protocol import ErrorCode, ProtocolError
 
 
 class OverloadedError(ProtocolError):

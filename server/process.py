@@ -1,7 +1,7 @@
 """Run a dreamstream server as a child process on a free loopback port.
 
 Used by the end-to-end tests and the benchmark suite: a real ``uvicorn`` server, started with
-the same command line a user types (``python -m server serve ...``), reachable at
+the same command line a user types (``python -m dreamstream serve ...``), reachable at
 :attr:`ServerProcess.base_url`, stopped with SIGTERM (the graceful path) and killed if it hangs.
 """
 
@@ -63,7 +63,7 @@ class ServerProcess:
         return f"ws://{self.host}:{self.port}/v1/stream"
 
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "server", "serve", "--host", self.host, "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "dreamstream", "serve", "--host", self.host, "--port", str(self.port)]
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._log_file = out
         self.proc = subprocess.Popen([*cmd, *self.args], env=self.env, stdout=out, stderr=subprocess.STDOUT)

@@ -1,85 +1,26 @@
 """``dreamstream serve``: parse options, configure logging, run uvicorn with graceful SIGTERM.
 
 On SIGTERM (or the first Ctrl-C) the server stops admitting, lets in-flight steps finish (up to
-``--shutdown-grace``), sends ``error shutting_down`` and closes every WebSocket with 1001, then
+``--shutdown-grace-s``), sends ``error shutting_down`` and closes every WebSocket with 1001, then
 exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import errno
 import signal
+import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from loguru import logger
 
-from pipeline.errors import ConfigError
-from pipeline.overrides import parse_overrides
-from server.config import ConfigValueError, ServerConfig
+from server.config import PROG, ConfigValueError, ServerConfig, load_config
 from server.logging import setup_logging
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dreamstream serve",
-        description="Serve a world-model pipeline over WebSocket (protocol v1, see "
-        "docs/protocol.md). Every option can also be set by the environment variable "
-        "DREAMSTREAM_<OPTION> (e.g. DREAMSTREAM_MAX_SESSIONS=32); options given here win.",
-    )
-    d = ServerConfig.model_fields
-
-    def add(flag: str, field: str, **kw: Any) -> None:
-        kw.setdefault("help", d[field].description)
-        p.add_argument(flag, dest=field, default=None, **kw)
-
-    add("--host", "host")
-    add("--port", "port", type=int)
-    add("--pipeline", "pipeline", help="Pipeline name (synthetic, tiny-world) or 'pkg.module:ATTR'")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Pipeline config override, repeatable (e.g. --set generate_ms=40 --set width=128); "
-        "values parse as int/float/bool/JSON, else string",
-    )
-    add("--device", "device")
-    add("--max-sessions", "max_sessions", type=int)
-    add("--idle-timeout", "idle_timeout_s", type=float, metavar="SECONDS")
-    add("--resume-window", "resume_window_s", type=float, metavar="SECONDS")
-    add("--max-inflight", "max_inflight", type=int)
-    add("--max-batch", "max_batch", type=int)
-    add("--batch-sizes", "batch_sizes", metavar="N,N,...")
-    add("--gather-window-ms", "gather_window_ms", type=float)
-    add("--naive", "naive", action="store_const", const=True)
-    add("--codec", "codec", choices=["jpeg", "png", "raw"])
-    add("--quality", "quality", type=int)
-    add("--token", "token")
-    add("--json-logs", "json_logs", action="store_const", const=True)
-    add("--log-level", "log_level")
-    add("--debug-timeline", "debug_timeline", action="store_const", const=True)
-    add("--max-message-bytes", "max_message_bytes", type=int)
-    add("--shutdown-grace", "shutdown_grace_s", type=float, metavar="SECONDS")
-    add("--torch-threads", "torch_threads", type=int)
-    add("--no-warmup", "warmup", action="store_const", const=False)
-    return p
-
-
-def config_from_args(argv: list[str]) -> ServerConfig:
-    """CLI arguments (over ``DREAMSTREAM_*`` environment) → :class:`ServerConfig`."""
-    args = vars(build_parser().parse_args(argv))
-    pairs = args.pop("overrides")
-    if pairs:
-        try:
-            args["pipeline_overrides"] = parse_overrides(pairs)
-        except ConfigError as exc:
-            raise ConfigValueError(f"--set: {exc}") from None
-    return ServerConfig.from_sources(args)
 
 
 class DrainingServer(uvicorn.Server):
@@ -123,29 +64,67 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``dreamstream serve``; returns the process exit code."""
-    try:
-        config = config_from_args(list(argv or []))
-    except ConfigValueError as exc:
-        print(f"dreamstream serve: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level, config.json_logs)
-    from pipeline.errors import PipelineError  # torch is imported here, after argument errors
-    from pipeline.registry import resolve_pipeline_source
-    from server.app import create_app
+def preflight(config: ServerConfig) -> socket.socket:
+    """Every check that can fail on a user's mistake, before the model is loaded: the pipeline
+    resolves and takes its overrides, the device exists, the port is free. Returns the bound
+    listening socket. Raises :class:`ConfigValueError` with one line naming the fix."""
+    from pipeline.device import resolve_device
+    from pipeline.errors import PipelineError
+    from pipeline.registry import load_config, resolve_pipeline_source
 
+    app_dir = str(Path(config.app_dir).resolve())
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
     try:
         resolve_pipeline_source(config.pipeline)
     except PipelineError as exc:
-        print(f"dreamstream serve: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigValueError(
+            f"--pipeline: {exc} (import paths resolve from --app-dir {config.app_dir!r})"
+        ) from None
+    try:
+        if config.pipeline_overrides:
+            load_config(config.pipeline, **config.pipeline_overrides)
+    except PipelineError as exc:
+        raise ConfigValueError(f"--set: {exc}") from None
+    try:
+        resolve_device(config.device)
+    except PipelineError as exc:
+        raise ConfigValueError(f"--device: {exc}; use --device cpu or auto") from None
+    return bind_socket(config.host, config.port)
 
-    app = create_app(config)
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``; :class:`ConfigValueError` if that is not possible."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigValueError(
+                f"--port: {host}:{port} is already in use; stop what holds it or pass another "
+                "--port (0 picks a free one)"
+            ) from None
+        raise ConfigValueError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dreamstream serve``; returns the process exit code (2: a usage error)."""
+    try:
+        config = load_config(list(argv or []))
+        sock = preflight(config)
+    except ConfigValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.json_logs)
+    from server.app import create_app  # torch is imported here, after the checks above
+
     uv_config = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
+        create_app(config),
         ws="websockets-sansio",
         ws_per_message_deflate=False,
         ws_max_size=config.ws_max_size_bytes,
@@ -157,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
     )
     server = DrainingServer(uv_config, config.shutdown_grace_s)
-    server.run()
+    logger.info("listening on {}:{}", *sock.getsockname()[:2])
+    server.run(sockets=[sock])
     if not server.started:
         logger.error("server did not start (see the errors above)")
         return 1

@@ -21,9 +21,9 @@ from loguru import logger
 from pydantic import BaseModel
 
 from pipeline.io import StreamSpec
+from protocol import Codec
 from server.errors import OverloadedError, UnknownSessionError
 from server.metrics import ServerMetrics
-from server.protocol import Codec
 from server.worker import DeviceWorker, resolve_in_loop
 
 SESSION_ID_BYTES = 16

@@ -15,16 +15,15 @@ Scheduling (one *round* at a time, on the worker thread):
 Per session, ``finalize(k)`` always finishes before ``generate(k + 1)`` starts: a session is in at
 most one round at a time and a round ends with its finalize.
 
-``naive=True`` (comparison mode): one step per round, generate and finalize back to back, frames
-handed off only after finalize — what a straightforward server does (on CUDA it waits for the
-device to finish finalize before the hand-off, so naive mode really pays it).
+When frames leave relative to finalize is the worker's :class:`Schedule`:
+:class:`OverlapSchedule` (the default) hands them off before finalize, as above;
+:class:`NaiveSchedule` (comparison mode, ``--naive``) runs one step per round, generate and
+finalize back to back, and hands the frames off only after finalize — what a straightforward
+server does (on CUDA it waits for the device to finish finalize first, so it really pays it).
 
 On CUDA, frames go device → pinned host memory with a non-blocking copy behind a CUDA event; the
 codec thread waits on that event (:meth:`HostFrames.numpy`); nothing in the step path synchronizes
-the device. Launching kernels is Python work that holds the GIL, so finalize's launches and the
-event loop's encode-and-send take turns on it; ``send_first_ms`` > 0 makes the worker wait (at
-most that long) for the batch's frames to reach the socket before it launches finalize (CUDA only;
-off by default until measured on a GPU).
+the device.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from loguru import logger
 from pydantic import BaseModel
 
 from pipeline.device import synchronize
+from pipeline.served import ServedPipeline
 from server.errors import StepFailedError
 from server.metrics import ServerMetrics
 from server.timeline import Timeline
@@ -108,12 +109,6 @@ class StepResult:
     t_handoff: float = 0.0
     """``time.monotonic()`` when the frames were handed to the event loop."""
     error: StepFailedError | None = None
-    sent: threading.Event = field(default_factory=threading.Event)
-    """Set by the connection once the frames are on the socket (or will never be sent)."""
-
-    def mark_sent(self) -> None:
-        """The frames left (or were dropped); lets a waiting worker launch finalize."""
-        self.sent.set()
 
 
 @dataclass
@@ -134,6 +129,7 @@ class _Slot:
 
     session_id: str
     cache: Any = None
+    """The pipeline's per-rollout cache (only the pipeline reads or writes it)."""
     requests: deque[StepRequest] = field(default_factory=deque)
     queued: bool = False
     """In the ready FIFO."""
@@ -142,8 +138,6 @@ class _Slot:
     closed: bool = False
     broken: StepFailedError | None = None
     """A finalize failed: the cache is unusable, every later step fails with this."""
-    last_step: int | None = None
-    """AR index of the latest generate (for rollback of a failed batch)."""
 
 
 def resolve_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> Callable[[Any], None]:
@@ -166,6 +160,58 @@ def resolve_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]
 
 
 @dataclass
+class Generated:
+    """A step whose generate succeeded, between generate and finalize."""
+
+    slot: _Slot
+    request: StepRequest
+    result: StepResult
+
+
+class Schedule(ABC):
+    """When a round's frames are handed off relative to its finalize (see module docstring)."""
+
+    name: str
+    batches: bool
+    """Whether rounds may run several sessions' steps as one batch."""
+
+    @abstractmethod
+    def finish(self, worker: DeviceWorker, steps: list[Generated]) -> None:
+        """Hand off the frames of ``steps`` and finalize them, in this schedule's order."""
+
+
+class OverlapSchedule(Schedule):
+    """The default: frames go at once; finalize runs while they are encoded and travel."""
+
+    name = "overlap"
+    batches = True
+
+    def finish(self, worker: DeviceWorker, steps: list[Generated]) -> None:
+        for item in steps:
+            worker.handoff(item)
+        worker.finalize(steps)
+
+
+class NaiveSchedule(Schedule):
+    """Comparison mode: one step per round; finalize, wait for the device, then hand off."""
+
+    name = "naive"
+    batches = False
+
+    def finish(self, worker: DeviceWorker, steps: list[Generated]) -> None:
+        t0 = time.monotonic()
+        failed = worker.finalize(steps, wait_for_device=True)
+        finalize_ms = (time.monotonic() - t0) * 1000.0
+        for item in steps:
+            error = failed.get(item.request.session_id)
+            if error is not None:
+                worker.fail(item.request, "finalize", error, item.result.queue_ms)
+            else:
+                item.result.finalize_ms = finalize_ms
+                worker.handoff(item)
+
+
+@dataclass
 class _Control:
     kind: str  # "open" | "release"
     session_id: str
@@ -179,13 +225,12 @@ class DeviceWorker:
 
     def __init__(
         self,
-        pipeline: Any,
+        pipeline: ServedPipeline,
         *,
         max_batch: int = 8,
         gather_window_ms: float = 0.0,
         batch_sizes: list[int] | tuple[int, ...] | None = None,
-        naive: bool = False,
-        send_first_ms: float = 0.0,
+        schedule: Schedule | None = None,
         torch_threads: int | None = None,
         batch_torch_threads: int | None = None,
         batch_threads_from: int = 4,
@@ -194,23 +239,16 @@ class DeviceWorker:
     ) -> None:
         self.pipeline = pipeline
         self.io = pipeline.io
-        self.naive = naive
-        device = getattr(pipeline, "device", None)
-        self.device: torch.device | None = device if isinstance(device, torch.device) else None
-        """The pipeline's device (``None`` if it does not say)."""
-        on_cuda = self.device is not None and self.device.type == "cuda"
-        self.send_first_s = send_first_ms / 1000.0 if on_cuda else 0.0
-        """CUDA only: wait up to this long for the frames to be sent before launching finalize."""
+        self.schedule = schedule or OverlapSchedule()
+        self.device = pipeline.device
         self.torch_threads = torch_threads
         """Intra-op threads of the worker thread (``None``: leave torch's setting alone)."""
         self.batch_torch_threads = batch_torch_threads
         """Intra-op threads for batches of ``batch_threads_from`` or more rollouts (``None``: the
         same as ``torch_threads``). Big batches amortise the threads' start-up; small ones lose."""
         self.batch_threads_from = batch_threads_from
-        self.supports_batching = bool(getattr(pipeline, "supports_batching", False)) and hasattr(
-            pipeline, "generate_batch"
-        )
-        self.max_batch = 1 if naive or not self.supports_batching else max(1, max_batch)
+        self.supports_batching = pipeline.supports_batching
+        self.max_batch = max(1, max_batch) if self.schedule.batches and self.supports_batching else 1
         """Effective batch limit: 1 in naive mode or for pipelines without batch support."""
         self.batch_sizes: tuple[int, ...] | None = None
         """Allowed batch sizes (always incl. 1), or ``None`` for any size up to ``max_batch``.
@@ -415,37 +453,45 @@ class DeviceWorker:
 
     def _run_control(self, control: _Control) -> None:
         if control.kind == "open":
-            t0 = time.monotonic()
-            try:
-                cache = self.io.initialize_session(self.pipeline, control.options, control.seed)
-            except Exception as exc:
-                logger.bind(session=control.session_id).exception("initialize_session failed")
-                if control.done is not None:
-                    control.done(exc)
-                return
-            with self._cond:
-                self._slots[control.session_id] = _Slot(control.session_id, cache)
-            self._set_live(+1)
-            self.timeline.record("init", control.session_id, None, t0, time.monotonic())
-            if control.done is not None:
-                control.done(None)
+            self._open(control)
         else:
-            with self._cond:
-                slot = self._slots.pop(control.session_id, None)
-                if slot is not None:
-                    self._drop_requests(slot, WorkerStoppedError("session ended"))
-            if slot is not None and slot.cache is not None:
-                slot.cache = None
-                self._set_live(-1)
-            self.timeline.mark("release", control.session_id, None)
+            self._release(control)
+        if control.done is not None and control.kind != "open":
+            control.done(None)
+
+    def _open(self, control: _Control) -> None:
+        t0 = time.monotonic()
+        options = control.options if control.options is not None else self.io.validate_options(None)
+        try:
+            cache = self.io.initialize_session(self.pipeline, options, control.seed)
+        except Exception as exc:
+            logger.bind(session=control.session_id).exception("initialize_session failed")
             if control.done is not None:
-                control.done(None)
+                control.done(exc)
+            return
+        with self._cond:
+            self._slots[control.session_id] = _Slot(control.session_id, cache)
+        self._set_live(+1)
+        self.timeline.record("init", control.session_id, None, t0, time.monotonic())
+        if control.done is not None:
+            control.done(None)
+
+    def _release(self, control: _Control) -> None:
+        with self._cond:
+            slot = self._slots.pop(control.session_id, None)
+            if slot is not None:
+                self._drop_requests(slot, WorkerStoppedError("session ended"))
+        if slot is not None and slot.cache is not None:
+            slot.cache = None
+            self._set_live(-1)
+        self.timeline.mark("release", control.session_id, None)
 
     def _set_live(self, delta: int) -> None:
         self._live_caches += delta
         self.metrics.live_caches.set(self._live_caches)
 
-    def _fail(self, req: StepRequest, stage: str, exc: BaseException, queue_ms: float) -> None:
+    def fail(self, req: StepRequest, stage: str, exc: BaseException, queue_ms: float) -> None:
+        """Answer ``req`` with the failure of ``stage`` (only this session sees it)."""
         logger.bind(session=req.session_id).opt(exception=exc).error(
             "{} of step {} failed: {!r}", stage, req.step, exc
         )
@@ -454,72 +500,54 @@ class DeviceWorker:
 
     def _run_batch(self, batch: list[tuple[_Slot, StepRequest]]) -> None:
         t_start = time.monotonic()
-        runnable: list[tuple[_Slot, StepRequest, Any]] = []
-        for slot, req in batch:
-            queue_ms = (t_start - req.t_received) * 1000.0
-            if slot.broken is not None:
-                self._fail(req, "finalize of an earlier step", slot.broken, queue_ms)
-                continue
-            try:
-                runnable.append((slot, req, self.io.action_to_input(req.action, req.step)))
-            except Exception as exc:
-                self._fail(req, "action_to_input", exc, queue_ms)
+        runnable = self._inputs(batch, t_start)
         if not runnable:
             return
         outputs = self._generate(runnable)
         t_gen_end = time.monotonic()
-        generate_ms = (t_gen_end - t_start) * 1000.0
         n = len(runnable)
         self.metrics.batch_size.observe(n)
         self.metrics.busy.add(t_gen_end - t_start)
-        done: list[tuple[_Slot, StepRequest, StepResult]] = []
+        generated: list[Generated] = []
         for (slot, req, _), out in zip(runnable, outputs, strict=True):
             queue_ms = (t_start - req.t_received) * 1000.0
             self.timeline.record("generate", req.session_id, req.step, t_start, t_gen_end, n)
             if isinstance(out, BaseException):
-                self._fail(req, "generate", out, queue_ms)
+                self.fail(req, "generate", out, queue_ms)
                 continue
-            slot.last_step = req.step
             try:
                 frames = to_host(self.io.output_to_frames(out))
             except Exception as exc:
-                self._fail(req, "output_to_frames", exc, queue_ms)
+                self.fail(req, "output_to_frames", exc, queue_ms)
                 continue
-            result = StepResult(
-                req.session_id, req.step, frames, queue_ms=queue_ms, generate_ms=generate_ms, batch=n
-            )
-            if not self.naive:
-                self._handoff(req, result)
-            done.append((slot, req, result))
-        if not done:
-            return
-        if self.send_first_s > 0 and not self.naive:
-            deadline = time.monotonic() + self.send_first_s
-            for _, _, result in done:
-                if not result.sent.wait(max(0.0, deadline - time.monotonic())):
-                    break
-        t_fin = time.monotonic()
-        failed = self._finalize([(slot, req) for slot, req, _ in done])
-        if self.naive:
-            synchronize(self.device)
-        t_fin_end = time.monotonic()
-        self.metrics.busy.add(t_fin_end - t_fin)
-        for slot, req, result in done:
-            self.timeline.record("finalize", req.session_id, req.step, t_fin, t_fin_end, len(done))
-            fin_error = failed.get(req.session_id)
-            if fin_error is not None:
-                slot.broken = StepFailedError(req.session_id, req.step, "finalize", fin_error)
-            if self.naive:
-                if fin_error is not None:
-                    self._fail(req, "finalize", fin_error, result.queue_ms)
-                else:
-                    result.finalize_ms = (t_fin_end - t_fin) * 1000.0
-                    self._handoff(req, result)
+            generate_ms = (t_gen_end - t_start) * 1000.0
+            result = StepResult(req.session_id, req.step, frames, queue_ms, generate_ms, batch=n)
+            generated.append(Generated(slot, req, result))
+        if generated:
+            self.schedule.finish(self, generated)
 
-    def _handoff(self, req: StepRequest, result: StepResult) -> None:
+    def _inputs(
+        self, batch: list[tuple[_Slot, StepRequest]], t_start: float
+    ) -> list[tuple[_Slot, StepRequest, Any]]:
+        """Each step with its pipeline input; steps of broken sessions or bad actions are failed."""
+        runnable: list[tuple[_Slot, StepRequest, Any]] = []
+        for slot, req in batch:
+            queue_ms = (t_start - req.t_received) * 1000.0
+            if slot.broken is not None:
+                self.fail(req, "finalize of an earlier step", slot.broken, queue_ms)
+                continue
+            try:
+                runnable.append((slot, req, self.io.action_to_input(req.action, req.step)))
+            except Exception as exc:
+                self.fail(req, "action_to_input", exc, queue_ms)
+        return runnable
+
+    def handoff(self, item: Generated) -> None:
+        """Give a step's frames to its session (they are encoded and sent on the event loop)."""
+        result = item.result
         result.t_handoff = time.monotonic()
-        self.timeline.record("handoff", req.session_id, req.step, result.t_handoff, None, result.batch)
-        req.deliver(result)
+        self.timeline.record("handoff", result.session_id, result.step, result.t_handoff, None, result.batch)
+        item.request.deliver(result)
 
     def _generate(self, runnable: list[tuple[_Slot, StepRequest, Any]]) -> list[Any]:
         """Outputs (or the exception of each rollout that failed), in ``runnable``'s order."""
@@ -529,11 +557,11 @@ class DeviceWorker:
             try:
                 return list(self.pipeline.generate_batch(indices, caches, [x for *_, x in runnable]))
             except Exception as exc:
-                # One rollout (or the batch) failed: undo the AR bookkeeping generate_batch did
-                # and run each rollout alone, so only the failing session sees the error.
+                # One rollout (or the batch) failed: undo what generate_batch did and run each
+                # rollout alone, so only the failing session sees the error.
                 logger.warning("generate_batch of {} failed ({!r}); retrying one by one", len(runnable), exc)
-                for slot, _, _ in runnable:
-                    _rollback_generate(slot.cache, slot.last_step)
+                for slot, req, _ in runnable:
+                    self.pipeline.undo_generate(req.step, slot.cache)
         outs: list[Any] = []
         for slot, req, x in runnable:
             try:
@@ -542,7 +570,24 @@ class DeviceWorker:
                 outs.append(exc)
         return outs
 
-    def _finalize(self, items: list[tuple[_Slot, StepRequest]]) -> dict[str, BaseException]:
+    def finalize(self, steps: list[Generated], wait_for_device: bool = False) -> dict[str, BaseException]:
+        """Finalize ``steps`` (waiting for the device after, if asked); a session whose finalize
+        failed is broken from now on. Returns ``{session_id: exception}`` of the failures."""
+        t0 = time.monotonic()
+        failed = self._finalize_calls([(item.slot, item.request) for item in steps])
+        if wait_for_device:
+            synchronize(self.device)
+        t1 = time.monotonic()
+        self.metrics.busy.add(t1 - t0)
+        for item in steps:
+            req = item.request
+            self.timeline.record("finalize", req.session_id, req.step, t0, t1, len(steps))
+            error = failed.get(req.session_id)
+            if error is not None:
+                item.slot.broken = StepFailedError(req.session_id, req.step, "finalize", error)
+        return failed
+
+    def _finalize_calls(self, items: list[tuple[_Slot, StepRequest]]) -> dict[str, BaseException]:
         """Finalize every item; returns ``{session_id: exception}`` for those that failed."""
         if len(items) > 1:
             try:
@@ -578,11 +623,3 @@ class DeviceWorker:
             if slot.cache is not None:
                 slot.cache = None
                 self._set_live(-1)
-
-
-def _rollback_generate(cache: Any, last_step: int | None) -> None:
-    """Undo what a failed ``generate`` may have recorded in a :class:`StreamInferencePipelineCache`."""
-    if hasattr(cache, "autoregressive_index"):
-        cache.autoregressive_index = last_step
-    if hasattr(cache, "final_state"):
-        cache.final_state = None

@@ -3,7 +3,7 @@
 Server fixtures
 ---------------
 ``server_factory`` (function scope) and ``module_server_factory`` (module scope) are
-:class:`ServerFactory` objects. Call one to start ``python -m server serve`` on a free port::
+:class:`ServerFactory` objects. Call one to start ``python -m dreamstream serve`` on a free port::
 
     def test_x(server_factory):
         srv = server_factory(max_inflight=4, pipeline_overrides={"generate_ms": 5})
@@ -45,8 +45,8 @@ import pytest
 import websockets
 
 from clients.codec import decode_frame as client_decode_frame
+from protocol import FrameHeader
 from server.process import ServerProcess, ServerStartError
-from server.protocol import FrameHeader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECV_TIMEOUT_S = 15.0

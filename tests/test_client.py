@@ -16,7 +16,7 @@ from clients import (
     StreamError,
 )
 from pipeline.synthetic import expected_frames
-from server.protocol import ErrorCode
+from protocol import ErrorCode
 from tests.conftest import RunningServer, ServerFactory
 
 TOKEN = "s3cret"

@@ -11,7 +11,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from clients import AsyncStreamClient, ConnectionClosedError, ProtocolViolation, StepTimeoutError
 from clients.loadtest import LoadTestConfig, run_loadtest_async
-from server.protocol import Codec, FrameHeader, ReadyMessage
+from protocol import Codec, FrameHeader, ReadyMessage
 
 READY = ReadyMessage(
     session_id="stub",

@@ -22,10 +22,10 @@ from clients.loadtest.core import LoadTestConfig, SessionResult, build_report
 from clients.loadtest.report import format_report, plot_report
 from clients.metrics import Histogram, SessionRecorder, simulate_viewer
 from clients.stream import FramePacket, StepResult, stream_url
-from pipeline.png import decode_png as decode_png_zlib
-from pipeline.png import encode_png
 from pipeline.synthetic import SyntheticAction
-from server.protocol import Codec, ErrorCode, FrameHeader, StepTiming
+from protocol import Codec, ErrorCode, FrameHeader, StepTiming
+from protocol.png import decode_png as decode_png_zlib
+from protocol.png import encode_png
 
 RNG = np.random.default_rng(0)
 IMG = RNG.integers(0, 256, (24, 40, 3), dtype=np.uint8)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from clients.cli_options import show_progress
 from clients.loadtest import LoadTestConfig, run_loadtest
 from clients.loadtest.cli import main
 from tests.conftest import RunningServer, ServerFactory
@@ -119,3 +122,80 @@ def test_script_that_does_not_fit_the_schema_fails_the_sessions(server: RunningS
     report = run_loadtest(config)
     assert report.sessions_failed == 2 and report.errors_by_code == {"bad_script": 2}
     assert "JSON objects" in (report.per_session[0].error or "")
+
+
+@pytest.mark.parametrize("mode", ["text", "json"])
+def test_without_matplotlib_the_report_is_kept_and_one_line_says_how_to_plot(
+    server: RunningServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+) -> None:
+    # None in sys.modules makes `import matplotlib` raise ImportError, as if it were not installed.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out_dir = tmp_path / "runs" / "lt"
+    args = ["--url", server.ws_url, "-n", "2", "--steps", "5", "--shape", "saturating", "--out", str(out_dir)]
+    rc = main([*args, "--json"] if mode == "json" else args)
+    assert rc == 0
+    captured = capsys.readouterr()
+    if mode == "json":
+        assert json.loads(captured.out)["steps"] == 10  # stdout stays pure JSON
+    else:
+        assert "step latency" in captured.out and "deadline misses" in captured.out
+        assert f"wrote report.json, events.jsonl to {out_dir}/" in captured.out
+    assert json.loads((out_dir / "report.json").read_text())["ok"] is True
+    events = [json.loads(line) for line in (out_dir / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "step" for e in events) == 10
+    assert not (out_dir / "latency.png").exists()
+    err_lines = captured.err.strip().splitlines()
+    assert len(err_lines) == 1, captured.err
+    assert "matplotlib" in err_lines[0] and "pip install matplotlib" in err_lines[0]
+    assert "Traceback" not in captured.err
+
+
+def test_an_unwritable_out_folder_keeps_the_printed_report(
+    server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    rc = main(["--url", server.ws_url, "-n", "1", "--steps", "3", "--out", str(blocker / "lt"), "--no-plot"])
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert "step latency" in captured.out
+    assert captured.err.count("\n") == 1 and "cannot write the report" in captured.err
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_show_progress_needs_a_terminal_and_no_opt_out() -> None:
+    assert show_progress(False, _FakeTerminal()) is True
+    assert show_progress(True, _FakeTerminal()) is False
+    assert show_progress(False, io.StringIO()) is False
+    closed = io.StringIO()
+    closed.close()
+    assert show_progress(False, closed) is False
+
+
+def test_progress_bar_only_when_stderr_is_a_terminal(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--url", server.ws_url, "-n", "2", "--steps", "4", "--no-plot", "--out", str(tmp_path)]
+    # stderr is not a terminal under pytest (as in a pipe, a log file or CI): no bar at all.
+    assert not sys.stderr.isatty()
+    assert main(args) == 0
+    assert capsys.readouterr().err == ""
+    # On a terminal the bar is drawn, unless --no-progress.
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(args) == 0
+    assert "loadtest" in terminal.getvalue() and "8/8" in terminal.getvalue()
+    terminal.seek(0)
+    terminal.truncate()
+    assert main([*args, "--no-progress"]) == 0
+    assert terminal.getvalue() == ""

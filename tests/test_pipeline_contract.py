@@ -172,3 +172,53 @@ def test_cuda_synthetic_and_profiler():
         assert np.array_equal(frames.cpu().numpy(), expected_frames(5, k, None))
         stats = pipe.finalize(k, cache)
         assert stats is not None and "mem_alloc_gib" in stats and stats["diffuse_ms"] > 0
+
+
+def test_undo_generate_lets_the_step_run_again(synth):
+    cache = start(synth, seed=5)
+    for k in range(2):
+        synth.generate(k, cache, step_input(synth, {"x": k}, k))
+        synth.finalize(k, cache)
+    synth.generate(2, cache, step_input(synth, {"x": 9}, 2))  # a generate whose batch failed
+    synth.undo_generate(2, cache)
+    with pytest.raises(FinalizeError):  # nothing pending any more
+        synth.finalize(2, cache)
+    frames = synth.io.output_to_frames(synth.generate(2, cache, step_input(synth, {"x": 2}, 2)))
+    np.testing.assert_array_equal(frames.numpy(), expected_frames(5, 2, {"x": 2}))
+    first = start(synth, seed=5)
+    synth.generate(0, first, step_input(synth, {"x": 0}, 0))
+    synth.undo_generate(0, first)
+    assert first.autoregressive_index is None and first.final_state is None
+
+
+def test_served_pipeline_protocol():
+    from pipeline.errors import ConfigError
+    from pipeline.served import ServedPipeline, as_served
+
+    pipe = load_pipeline("synthetic", device="cpu")
+    assert as_served(pipe, "synthetic") is pipe and isinstance(pipe, ServedPipeline)
+    assert pipe.name == "synthetic" and pipe.io is pipe.config.io
+
+    class HalfAPipeline:
+        device = torch.device("cpu")
+
+        def generate(self, autoregressive_index, cache, input=None): ...
+
+    with pytest.raises(ConfigError, match=r"'pkg:HALF' gave a HalfAPipeline that lacks finalize, "):
+        as_served(HalfAPipeline(), "pkg:HALF")
+
+
+def test_undo_after_a_failed_batch_restores_each_rollouts_noise():
+    pipe = load_pipeline("synthetic", device="cpu")
+    good, bad = (
+        start(pipe, seed=1),
+        pipe.io.initialize_session(pipe, pipe.io.validate_options({"fail_at_step": 0}), 2),
+    )
+    before = good.transformer_cache.generator.get_state().clone()
+    inputs = [step_input(pipe, {"x": 0}), step_input(pipe, {"x": 0})]
+    with pytest.raises(Exception, match="fail"):
+        pipe.generate_batch([0, 0], [good, bad], inputs)
+    assert not torch.equal(good.transformer_cache.generator.get_state(), before)  # noise was drawn
+    pipe.undo_generate(0, good)
+    assert torch.equal(good.transformer_cache.generator.get_state(), before)
+    assert good.autoregressive_index is None and good.rng_before_generate is None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.png import PngError, decode_png, encode_png
+from protocol.png import PngError, decode_png, encode_png
 
 
 def test_png_roundtrip_and_pillow_agrees():
@@ -51,6 +51,6 @@ def test_pipeline_namespace_is_lazy_and_complete():
         assert getattr(pipeline, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pipeline.nope  # noqa: B018
-    code = "import sys, pipeline.png; print('torch' in sys.modules)"
+    code = "import sys, protocol.png; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.synthetic import expected_frames
+from protocol import PROTOCOL_VERSION, Codec
 from server.app import web_client_dir
-from server.protocol import PROTOCOL_VERSION, Codec
 from tests.conftest import RunningServer, ServerFactory, StreamClient
 
 W, H, T = 32, 24, 2

@@ -14,7 +14,7 @@ import torch
 from pipeline import load_pipeline
 from pipeline.synthetic import expected_frames
 from server.timeline import TimelineEvent
-from server.worker import DeviceWorker, StepRequest, StepResult
+from server.worker import DeviceWorker, NaiveSchedule, StepRequest, StepResult
 
 torch.set_num_threads(1)
 
@@ -149,7 +149,7 @@ def test_failure_in_batch_hits_only_that_session(make_worker: Any) -> None:
 
 def test_naive_mode_hands_off_after_finalize(make_worker: Any) -> None:
     pipe = load_pipeline("synthetic", generate_ms=5, finalize_ms=20)
-    worker = make_worker(pipe, max_batch=8, naive=True)
+    worker = make_worker(pipe, max_batch=8, schedule=NaiveSchedule())
     assert worker.max_batch == 1
     open_sessions(worker, SEEDS)
     sink = Collector()
@@ -289,39 +289,6 @@ def test_batch_sizes_only_allowed_sizes_and_fair(make_worker: Any) -> None:
     order = generate_order(worker.timeline.events())
     assert [b for _, _, b in order] == [4] * 4 + [2] * 2 + [1]
     assert [s for s, _, _ in order] == list("ABCDEFG")
-
-
-def test_send_first_holds_finalize_until_frames_are_sent(make_worker: Any) -> None:
-    """The CUDA policy (``send_first_ms``), forced on for a CPU pipeline: finalize waits for
-    ``mark_sent`` of every handed-off step, but never longer than the bound."""
-    worker = make_worker(max_batch=4)
-    worker.send_first_s = 0.5  # normally set only for CUDA pipelines
-    open_sessions(worker, {"A": {"seed": 1}, "B": {"seed": 2}})
-    marked: dict[str, float] = {}
-
-    def deliver_later(result: StepResult) -> None:
-        def send() -> None:
-            time.sleep(0.05)
-            marked[result.session_id] = time.monotonic()
-            result.mark_sent()
-
-        threading.Thread(target=send, daemon=True).start()
-
-    with worker.hold():
-        for sid in "AB":
-            action = worker.io.validate_action({"x": 0})
-            worker.submit(StepRequest(sid, 0, action, time.monotonic(), deliver_later))
-    wait_for_events(worker, "finalize", 2)
-    fin = [e for e in worker.timeline.events() if e.kind == "finalize"]
-    assert min(e.t_start for e in fin) >= max(marked.values())
-    # A result nobody marks (its connection went away) delays finalize by the bound only.
-    worker.send_first_s = 0.1
-    sink = Collector()
-    t0 = time.monotonic()
-    submit(worker, "A", 1, sink)
-    wait_for_events(worker, "finalize", 3)
-    waited = time.monotonic() - t0
-    assert 0.1 <= waited < 2.0, waited
 
 
 def test_big_batches_run_on_more_threads(make_worker: Any) -> None:

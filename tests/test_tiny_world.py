@@ -11,7 +11,6 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.errors import InputError
-from pipeline.png import encode_png
 from pipeline.tiny_world.codecs import action_id
 from pipeline.tiny_world.env import (
     ACTION_DELTAS,
@@ -29,6 +28,7 @@ from pipeline.tiny_world.io import TinyWorldOptions
 from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig, DynamicsTransformer
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, make_config
 from pipeline.tiny_world.weights import WEIGHTS_DIR, weights_available
+from protocol.png import encode_png
 
 TINY_DYN = DynamicsConfig(latent_channels=4, d_model=32, layers=2, heads=2, window=3)
 TINY_AE = AutoencoderConfig(latent_channels=4, widths=(8, 8, 16))

@@ -38,7 +38,7 @@ from clients.metrics import (
     rate_summary,
 )
 from clients.stream import AsyncStreamClient, StepResult
-from server.protocol import CodecName
+from protocol import DEFAULT_URL, CodecName
 
 Shape = Literal["paced", "saturating"]
 ProgressFn = Callable[[int], None]
@@ -49,7 +49,7 @@ ProgressFn = Callable[[int], None]
 class LoadTestConfig:
     """What to run. Durations in seconds unless the name says ms."""
 
-    url: str = "ws://127.0.0.1:8000/v1/stream"
+    url: str = DEFAULT_URL
     token: str | None = None
     sessions: int = 4
     """Concurrent sessions."""

@@ -1,7 +1,12 @@
-"""Rendering a :class:`~clients.loadtest.core.LoadTestReport`: text summary and PNG plot."""
+"""Rendering a :class:`~clients.loadtest.core.LoadTestReport`: text summary and PNG plot.
+
+The text summary needs nothing beyond the base install; the plot needs matplotlib, which is not a
+dependency of the clients (:func:`plot_available` says whether it can be drawn).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from clients.loadtest.core import LoadTestReport
@@ -66,8 +71,23 @@ def _num(x: float | None, width: int = 8) -> str:
     return f"{x:>{width}.1f}" if x is not None else f"{'-':>{width}}"
 
 
+PLOT_HINT = "pip install matplotlib"
+"""What to run to get the plot (matplotlib is not a dependency of the clients)."""
+
+
+def plot_available() -> bool:
+    """Whether matplotlib can be imported, i.e. :func:`plot_report` can draw."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken or half-imported matplotlib
+        return False
+
+
 def plot_report(report: LoadTestReport, path: str | Path, *, max_sessions: int = 32) -> Path:
-    """PNG with the step-latency histogram and latency over time per session (matplotlib Agg)."""
+    """PNG with the step-latency histogram and latency over time per session (matplotlib Agg).
+
+    Raises ``ImportError`` when matplotlib is not installed (see :func:`plot_available`).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)

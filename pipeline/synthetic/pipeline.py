@@ -306,21 +306,16 @@ class SyntheticPipelineConfig(StreamInferencePipelineConfig):
     encoder: EncoderConfig | None = field(default_factory=SyntheticEncoderConfig)
     decoder: DecoderConfig | None = field(default_factory=SyntheticDecoderConfig)
     dtype: str = "float32"
+    io: PipelineIO | None = field(default_factory=lambda: SyntheticIO())
 
 
 class SyntheticPipeline(StreamInferencePipeline):
-    _synthetic_io = SyntheticIO()
-
     def __init__(self, config: SyntheticPipelineConfig) -> None:
         super().__init__(config)
         transformer = self.diffusion_model.transformer
         scheduler = self.diffusion_model.scheduler
         if isinstance(transformer, SyntheticTransformer) and hasattr(scheduler, "sigmas"):
             transformer.denoising_steps = len(scheduler.sigmas) - 1
-
-    @property
-    def io(self) -> PipelineIO:
-        return self._synthetic_io
 
 
 def _transformer_config(pipeline: StreamInferencePipeline) -> SyntheticTransformerConfig:

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.png import encode_png
 from pipeline.tiny_world.env import (
     ACTION_DELTAS,
     ACTION_PROBS,
@@ -39,6 +38,7 @@ from pipeline.tiny_world.env import (
 )
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, tiny_world_config
 from pipeline.tiny_world.train import EVAL_SEED_BASE
+from protocol.png import encode_png
 
 # ---------------------------------------------------------------------------- measurements
 

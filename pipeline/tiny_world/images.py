@@ -8,7 +8,7 @@ import binascii
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.png import PNG_SIGNATURE, PngError, decode_png
+from protocol.png import PNG_SIGNATURE, PngError, decode_png
 
 
 def decode_start_image(b64: str, size: int) -> np.ndarray:

@@ -25,20 +25,13 @@ DEFAULT_CONTEXT_NOISE = 0.05
 class TinyWorldPipeline(StreamInferencePipeline):
     """A :class:`StreamInferencePipeline` that speaks the tiny world's JSON (:class:`TinyWorldIO`)."""
 
-    @property
-    def io(self) -> PipelineIO:
-        io: TinyWorldIO | None = getattr(self, "_tiny_io", None)
-        if io is None:
-            io = TinyWorldIO()
-            self._tiny_io = io
-        return io
-
 
 @dataclass(kw_only=True)
 class TinyWorldPipelineConfig(StreamInferencePipelineConfig):
     """Config of :class:`TinyWorldPipeline`."""
 
     _target: type = field(default_factory=lambda: TinyWorldPipeline, repr=False)
+    io: PipelineIO | None = field(default_factory=lambda: TinyWorldIO())
 
 
 def make_config(

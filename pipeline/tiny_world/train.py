@@ -12,11 +12,16 @@ Stages (each resumable from its latest checkpoint in ``--out``; finished stages 
 5. ``decoder``: decoder fine-tuning on latents the model generates (encoder frozen).
 6. ``export``: fp16 safetensors + metadata JSON into ``--export-dir`` (the package by default).
 
+The four optimisation stages (1, 3, 4, 5) share one loop, :func:`run_stage`: resume from the
+checkpoint, learning-rate schedule (``LambdaLR``: linear warm-up times a cosine decay), thread
+tuning, log lines, periodic validation and atomic checkpoints. Each stage supplies a
+:class:`Stage` (its modules, optimiser and :class:`LRSchedule`) and a function running one step.
+
 All randomness derives from ``--seed`` and the step number, so a resumed run continues as an
 uninterrupted one (up to floating-point rounding when the thread count changes). bf16 autocast
 is used on CPU and CUDA; CUDA is used when present; the dynamics step is ``torch.compile``-d
-(``--no-compile`` to train eager). Progress goes to a tqdm bar and to
-``OUT/log.jsonl``.
+(``--no-compile`` to train eager). Progress goes to ``OUT/log.jsonl``, and to a tqdm bar when
+stderr is a terminal (tqdm is imported only then: it is a training-only dependency).
 """
 
 from __future__ import annotations
@@ -29,15 +34,16 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.errors import ConfigError
 from pipeline.scheduler import FlowMatchEulerScheduler, FlowMatchEulerSchedulerConfig
@@ -139,7 +145,7 @@ class TrainConfig:
     dots of the right strength without asking where exactly they are, which plain reconstruction
     losses on uncertain generated latents average away (blur)."""
     checkpoint_every: int = 250
-    """Steps between checkpoints (both stages)."""
+    """Steps between checkpoints (every stage)."""
     log_every: int = 50
     """Steps between log lines."""
     amp: bool = True
@@ -243,12 +249,6 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _cosine(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
-    warm = min(1.0, (step + 1) / warmup)
-    frac = step / max(1, total)
-    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -259,6 +259,194 @@ def _to_unit(frames: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 ``[N, H, W, 3]`` → float ``[N, 3, H, W]`` in ``[-1, 1]``."""
     x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
+
+
+class Progress:
+    """A tqdm bar on stderr when it is a terminal; otherwise nothing (the log lines tell progress).
+
+    tqdm is imported only here: it is a training-only dependency.
+    """
+
+    def __init__(self, desc: str, total: int, initial: int = 0) -> None:
+        self.bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=desc, total=total, initial=initial)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def advance(self, postfix: Mapping[str, float] | None = None) -> None:
+        """One more step done; ``postfix``: values to show next to the bar from now on."""
+        if self.bar is None:
+            return
+        if postfix:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+        self.bar.update()
+
+
+# ---------------------------------------------------------------------------- stage runner
+
+
+@dataclass
+class LRSchedule:
+    """Learning rate ``peak × factor(step)``: a linear warm-up over ``warmup`` steps times a half
+    cosine from 1 at step 0 to ``floor`` at step ``steps``. A function of the step alone, so a
+    resumed stage recomputes it (checkpoints hold no scheduler state)."""
+
+    peak: float
+    steps: int
+    floor: float
+    warmup: int
+
+    def __call__(self, step: int) -> float:
+        """The factor of ``peak`` at ``step`` (the ``LambdaLR`` lambda)."""
+        warm = min(1.0, (step + 1) / self.warmup)
+        frac = step / max(1, self.steps)
+        return warm * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def attach(self, opt: torch.optim.Optimizer, start: int) -> LambdaLR:
+        """A scheduler setting the learning rates of ``opt`` for step ``start`` (then, after each
+        ``step()``, for the next step)."""
+        for group in opt.param_groups:
+            group["initial_lr"] = self.peak
+        return LambdaLR(opt, self, last_epoch=start - 1)
+
+
+def lr_schedules(cfg: TrainConfig) -> dict[str, LRSchedule]:
+    """The learning-rate schedule of each optimisation stage, by stage name."""
+    return {
+        "ae": LRSchedule(cfg.ae_lr, cfg.ae_steps, floor=0.05, warmup=100),
+        "dyn": LRSchedule(cfg.dyn_lr, cfg.dyn_steps, floor=0.1, warmup=50),
+        "distill": LRSchedule(cfg.distill_lr, cfg.distill_steps, floor=0.1, warmup=20),
+        "decoder": LRSchedule(cfg.decoder_finetune_lr, cfg.decoder_finetune_steps, floor=0.05, warmup=50),
+    }
+
+
+Losses = Mapping[str, torch.Tensor | float]
+"""Scalar losses of one step by name (tensors are read only when logged)."""
+StepFn = Callable[[int], Losses]
+"""Runs optimiser step ``i`` of a stage (batch, loss, backward, update) and returns its losses."""
+ValidateFn = Callable[[], dict[str, float]]
+"""Validation metrics of a stage's model, rounded as they go to the log."""
+
+
+@dataclass
+class Stage:
+    """What one optimisation stage brings to :func:`run_stage`; the loop itself is shared."""
+
+    name: str
+    """``stage`` of its log records; its checkpoint is ``OUT/<name>.ckpt``."""
+    modules: dict[str, torch.nn.Module]
+    """Modules saved in (and restored from) its checkpoint, by key."""
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    smooth_losses: bool = False
+    """Log an EMA of each loss (as ``<name>_ema``) instead of the step's value."""
+    adaptive_threads: bool = True
+    """Let :class:`ThreadTuner` choose the thread count (else keep ``max_threads``)."""
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    def checkpoint(self, out: Path) -> Path:
+        return out / f"{self.name}.ckpt"
+
+    def resume(self, out: Path, device: torch.device) -> int:
+        """Load the latest checkpoint, if any, into the modules and optimiser; the next step."""
+        path = self.checkpoint(out)
+        if not path.exists():
+            return 0
+        state = torch.load(path, map_location=device)
+        for key, module in self.modules.items():
+            module.load_state_dict(state[key])
+        self.optimizer.load_state_dict(state["opt"])
+        return int(state["step"])
+
+    def save(self, out: Path, done: int) -> None:
+        state = {key: module.state_dict() for key, module in self.modules.items()}
+        _save_atomic({**state, "opt": self.optimizer.state_dict(), "step": done}, self.checkpoint(out))
+
+
+class LossLog:
+    """The losses a stage logs: the latest step's, or (``smooth``) an EMA over the steps run."""
+
+    def __init__(self, smooth: bool) -> None:
+        self.smooth = smooth
+        self.latest: Losses = {}
+        self.ema: dict[str, float] = {}
+
+    def add(self, losses: Losses) -> None:
+        self.latest = losses
+        if self.smooth:
+            for key, value in losses.items():
+                x = float(value)
+                self.ema[key] = x if key not in self.ema else 0.95 * self.ema[key] + 0.05 * x
+
+    def record(self) -> dict[str, float]:
+        if self.smooth:
+            return {f"{key}_ema": round(v, 5) for key, v in self.ema.items()}
+        return {key: round(float(v), 5) for key, v in self.latest.items()}
+
+
+def run_stage(
+    stage: Stage,
+    start: int,
+    step: StepFn,
+    cfg: TrainConfig,
+    log: RunLog,
+    validate: ValidateFn | None = None,
+    val_every: int = 0,
+) -> None:
+    """Run steps ``start..stage.steps-1`` of ``stage`` (``start`` from :meth:`Stage.resume`).
+
+    ``step(i)`` runs step ``i`` at the learning rate the schedule sets for it. Every ``log_every``
+    steps and at the end: a log line (learning rate, losses, thread count); every ``val_every``
+    steps (if > 0) and at the end: ``validate``, whose metrics join that step's log line; every
+    ``checkpoint_every`` steps and at the end: a checkpoint, saved before the scheduler moves on
+    (so its optimiser state holds the learning rate of its last step, as before the runner).
+    """
+    scheduler = stage.schedule.attach(stage.optimizer, start)
+    tuner = ThreadTuner(cfg.max_threads, adaptive=stage.adaptive_threads)
+    losses = LossLog(stage.smooth_losses)
+    t0 = time.time()
+    with Progress(stage.name, stage.steps, start) as progress:
+        for i in range(start, stage.steps):
+            t_step = time.perf_counter()
+            losses.add(step(i))
+            tuner.record(time.perf_counter() - t_step)
+            done = i + 1
+            last = done == stage.steps
+            due = last or (val_every > 0 and done % val_every == 0)
+            run_validation = validate if validate is not None and due else None
+            record: dict[str, float] = {}
+            if done % cfg.log_every == 0 or last or run_validation is not None:
+                record = {"lr": round(float(scheduler.get_last_lr()[0]), 7), **losses.record()}
+                if run_validation is not None:
+                    record.update(run_validation())
+                elapsed = round(time.time() - t0, 1)
+                log.write(stage=stage.name, threads=tuner.current, step=done, **record, elapsed_s=elapsed)
+            if done % cfg.checkpoint_every == 0 or last:
+                stage.save(cfg.out, done)
+            scheduler.step()
+            progress.advance(record)
+
+
+def _descend(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, clip: Iterable[torch.Tensor] | None = None
+) -> None:
+    """One optimiser step on ``loss`` (gradient norm of ``clip`` clipped to 1 first, if given)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
 
 
 # ---------------------------------------------------------------------------- stage 1: AE
@@ -279,59 +467,46 @@ def train_autoencoder(cfg: TrainConfig, maps: np.ndarray, log: RunLog) -> Autoen
     device = _device()
     torch.manual_seed(cfg.seed)
     ae = Autoencoder(cfg.autoencoder).to(device)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
-    ckpt = cfg.out / "ae.ckpt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        ae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    if start >= cfg.ae_steps:
-        return ae.eval()
-    x_val = _to_unit(_ae_batch(maps, 128, np.random.default_rng([cfg.seed, 1, 0])), device)
-    bar = tqdm(range(start, cfg.ae_steps), desc="autoencoder", initial=start, total=cfg.ae_steps)
-    tuner = ThreadTuner(cfg.max_threads)
-    t0 = time.time()
-    for step in bar:
-        t_step = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = _cosine(step, cfg.ae_steps, cfg.ae_lr, 0.05, 100)
-        rng = np.random.default_rng([cfg.seed, 1, step + 1])
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
-        x = _to_unit(_ae_batch(maps, cfg.ae_batch, rng), device)
-        with _autocast(device, cfg.amp):
-            z = ae.encode(x)
-            noise = torch.randn(z.shape, generator=gen, device=device)
-            y = ae.decode(z + cfg.ae_latent_noise * noise.to(z.dtype))
-        y, z = y.float(), z.float()
-        loss = (
-            (y - x).abs().mean()
-            + (y - x).pow(2).mean()
-            + cfg.ae_grad_loss * _grad_l1(y, x)
-            + 1e-3 * z.pow(2).mean()
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tuner.record(time.perf_counter() - t_step)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.ae_steps:
-            with torch.no_grad(), _autocast(device, cfg.amp):
-                mse = (ae.decode(ae.encode(x_val)).float().clamp(-1, 1) - x_val).pow(2).mean().item()
-            psnr = 10 * math.log10(4.0 / max(mse, 1e-10))
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.2f}")
-            log.write(
-                stage="ae",
-                threads=tuner.current,
-                step=done,
-                loss=round(loss.item(), 5),
-                val_psnr=round(psnr, 3),
-                elapsed_s=round(time.time() - t0, 1),
-            )
-        if done % cfg.checkpoint_every == 0 or done == cfg.ae_steps:
-            _save_atomic({"model": ae.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+    schedule = lr_schedules(cfg)["ae"]
+    opt = torch.optim.AdamW(ae.parameters(), lr=schedule.peak, weight_decay=0.0)
+    stage = Stage("ae", {"model": ae}, opt, schedule)
+    start = stage.resume(cfg.out, device)
+    if start < stage.steps:
+        x_val = _to_unit(_ae_batch(maps, 128, np.random.default_rng([cfg.seed, 1, 0])), device)
+        step = partial(_ae_step, cfg, maps, ae, opt)
+        validate = partial(_ae_validate, ae, x_val, cfg.amp)
+        run_stage(stage, start, step, cfg, log, validate, val_every=cfg.log_every)
     return ae.eval()
+
+
+def _ae_step(
+    cfg: TrainConfig, maps: np.ndarray, ae: Autoencoder, opt: torch.optim.Optimizer, step: int
+) -> Losses:
+    device = _device()
+    rng = np.random.default_rng([cfg.seed, 1, step + 1])
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + step)
+    x = _to_unit(_ae_batch(maps, cfg.ae_batch, rng), device)
+    with _autocast(device, cfg.amp):
+        z = ae.encode(x)
+        noise = torch.randn(z.shape, generator=gen, device=device)
+        y = ae.decode(z + cfg.ae_latent_noise * noise.to(z.dtype))
+    y, z = y.float(), z.float()
+    loss = (
+        (y - x).abs().mean()
+        + (y - x).pow(2).mean()
+        + cfg.ae_grad_loss * _grad_l1(y, x)
+        + 1e-3 * z.pow(2).mean()
+    )
+    _descend(opt, loss)
+    return {"loss": loss.detach()}
+
+
+@torch.no_grad()
+def _ae_validate(ae: Autoencoder, x_val: torch.Tensor, amp: bool) -> dict[str, float]:
+    """PSNR of the reconstructions of ``x_val`` (the autoencoder stays in its training mode)."""
+    with _autocast(x_val.device, amp):
+        mse = (ae.decode(ae.encode(x_val)).float().clamp(-1, 1) - x_val).pow(2).mean().item()
+    return {"val_psnr": round(10 * math.log10(4.0 / max(mse, 1e-10)), 3)}
 
 
 # ---------------------------------------------------------------------------- stage 2: latents
@@ -352,14 +527,16 @@ def encode_trajectories(
     lat = torch.empty(n, t, c, s, s)
     acts = torch.empty(n, t, dtype=torch.long)
     chunk = 64
-    for i in tqdm(range(0, n, chunk), desc="encode"):
-        m = min(chunk, n - i)
-        frames, a = sample_trajectories(maps, m, t, rng)
-        x = _to_unit(frames.reshape(-1, *frames.shape[2:]), device)
-        with _autocast(device, cfg.amp):
-            z = ae.encode(x).float().cpu()
-        lat[i : i + m] = z.view(m, t, c, s, s)
-        acts[i : i + m] = torch.from_numpy(a)
+    with Progress("encode", -(-n // chunk)) as progress:
+        for i in range(0, n, chunk):
+            m = min(chunk, n - i)
+            frames, a = sample_trajectories(maps, m, t, rng)
+            x = _to_unit(frames.reshape(-1, *frames.shape[2:]), device)
+            with _autocast(device, cfg.amp):
+                z = ae.encode(x).float().cpu()
+            lat[i : i + m] = z.view(m, t, c, s, s)
+            acts[i : i + m] = torch.from_numpy(a)
+            progress.advance()
     mean = lat.mean(dim=(0, 1, 3, 4))
     std = lat.std(dim=(0, 1, 3, 4)).clamp_min(1e-4)
     lat = (lat - mean[:, None, None]) / std[:, None, None]
@@ -464,86 +641,74 @@ def train_dynamics(cfg: TrainConfig, data: dict[str, torch.Tensor], log: RunLog)
     torch.manual_seed(cfg.seed + 1)
     model = DynamicsTransformer(cfg.dynamics).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.dyn_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    ckpt = cfg.out / "dyn.ckpt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    if start >= cfg.dyn_steps:
+    schedule = lr_schedules(cfg)["dyn"]
+    opt = torch.optim.AdamW(model.parameters(), lr=schedule.peak, weight_decay=0.01, betas=(0.9, 0.99))
+    modules: dict[str, torch.nn.Module] = {"model": model, "ema": ema}
+    stage = Stage("dyn", modules, opt, schedule, smooth_losses=True, adaptive_threads=not cfg.compile)
+    start = stage.resume(cfg.out, device)
+    if start >= stage.steps:
         return ema.eval()
     n = data["acts"].shape[0]
     n_val = max(1, min(256, n // 16))
     mask, slots = model.training_mask(cfg.dyn_frames, device)
     val_gen = torch.Generator().manual_seed(cfg.seed + 2)
     val_z, val_a = _dyn_batch(data, torch.arange(n - n_val, n), cfg.dyn_frames, val_gen)
-    val_z, val_a = val_z.to(device), val_a.to(device)
-    params: list[torch.Tensor] = list(model.parameters())
-    ema_params: list[torch.Tensor] = list(ema.parameters())
-    tuner = ThreadTuner(cfg.max_threads, adaptive=not cfg.compile)
     forward: TrainForward = model.forward_train
     if cfg.compile:
+        torch.set_num_threads(max(1, cfg.max_threads))  # the count the compiled step keeps
         probe_gen = torch.Generator().manual_seed(cfg.seed)
         pz, pa = _dyn_batch(data, torch.arange(cfg.dyn_batch) % (n - n_val), cfg.dyn_frames, probe_gen)
         forward = _compiled_train_forward(model, (pz.to(device), pa.to(device)), mask, slots, cfg, log)
-    bar = tqdm(range(start, cfg.dyn_steps), desc="dynamics", initial=start, total=cfg.dyn_steps)
-    t0 = time.time()
-    loss_ema: float | None = None
-    for step in bar:
-        t_step = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = _cosine(step, cfg.dyn_steps, cfg.dyn_lr, 0.1, 50)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, n - n_val, (cfg.dyn_batch,), generator=gen)
-        z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
-        z, a = z.to(device), a.to(device)
-        loss = dynamics_loss(forward, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        tuner.record(time.perf_counter() - t_step)
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        done = step + 1
-        validate = done % cfg.val_every == 0 or done == cfg.dyn_steps
-        if done % cfg.log_every == 0 or validate:
-            record: dict[str, Any] = {"loss_ema": round(loss_ema, 5)}
-            if validate:
-                with torch.no_grad():
-                    for sig in (0.3, 0.7, 1.0):
-                        v = dynamics_loss(
-                            ema.forward_train,
-                            val_z,
-                            val_a,
-                            mask,
-                            slots,
-                            torch.Generator().manual_seed(3),
-                            0.0,
-                            cfg.amp,
-                            sig,
-                        )
-                        record[f"val_sigma{sig}"] = round(v.item(), 5)
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
-            log.write(
-                stage="dyn",
-                threads=tuner.current,
-                step=done,
-                lr=round(opt.param_groups[0]["lr"], 7),
-                elapsed_s=round(time.time() - t0, 1),
-                **record,
-            )
-        if done % cfg.checkpoint_every == 0 or done == cfg.dyn_steps:
-            _save_atomic(
-                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done},
-                ckpt,
-            )
+    step = partial(_dynamics_step, cfg, data, n - n_val, forward, mask, slots, model, ema, opt)
+    validate = partial(_dynamics_validate, ema, val_z.to(device), val_a.to(device), mask, slots, cfg.amp)
+    run_stage(stage, start, step, cfg, log, validate, val_every=cfg.val_every)
     return ema.eval()
+
+
+def _dynamics_step(
+    cfg: TrainConfig,
+    data: dict[str, torch.Tensor],
+    n_train: int,
+    forward: TrainForward,
+    mask: torch.Tensor,
+    slots: torch.Tensor,
+    model: DynamicsTransformer,
+    ema: DynamicsTransformer,
+    opt: torch.optim.Optimizer,
+    step: int,
+) -> Losses:
+    """One teacher-forced flow-matching step on walks ``[0, n_train)``, then the EMA update."""
+    device = _device()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    idx = torch.randint(0, n_train, (cfg.dyn_batch,), generator=gen)
+    z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
+    z, a = z.to(device), a.to(device)
+    loss = dynamics_loss(forward, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
+    params: list[torch.Tensor] = list(model.parameters())
+    _descend(opt, loss, clip=params)
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        ema_params: list[torch.Tensor] = list(ema.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    return {"loss": loss.detach()}
+
+
+@torch.no_grad()
+def _dynamics_validate(
+    ema: DynamicsTransformer,
+    val_z: torch.Tensor,
+    val_a: torch.Tensor,
+    mask: torch.Tensor,
+    slots: torch.Tensor,
+    amp: bool,
+) -> dict[str, float]:
+    """Flow-matching loss of the EMA on the held-out walks at fixed noise levels (clean context)."""
+    record = {}
+    for sig in (0.3, 0.7, 1.0):
+        gen = torch.Generator().manual_seed(3)
+        v = dynamics_loss(ema.forward_train, val_z, val_a, mask, slots, gen, 0.0, amp, sig)
+        record[f"val_sigma{sig}"] = round(v.item(), 5)
+    return record
 
 
 # ---------------------------------------------------------------------------- stage 4: distillation
@@ -587,69 +752,54 @@ def distill_dynamics(
     real texture. The student starts from the teacher's weights.
     """
     device = _device()
-    ckpt = cfg.out / "distill.ckpt"
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     teacher = teacher.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.distill_lr, weight_decay=0.0)
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    if start >= cfg.distill_steps:
-        return student.eval().requires_grad_(False)
-    teacher_sigmas = FlowMatchEulerScheduler.make_sigmas(
-        FlowMatchEulerSchedulerConfig(num_steps=cfg.distill_teacher_steps)
-    )
-    student_sigmas = FlowMatchEulerScheduler.make_sigmas(
-        FlowMatchEulerSchedulerConfig(num_steps=cfg.distill_student_steps)
-    )
-    n = data["acts"].shape[0]
-    mask, slots = student.training_mask(cfg.dyn_frames, device)
-    params: list[torch.Tensor] = list(student.parameters())
-    bar = tqdm(range(start, cfg.distill_steps), desc="distill", initial=start, total=cfg.distill_steps)
-    tuner = ThreadTuner(cfg.max_threads)
-    t0 = time.time()
-    loss_ema: float | None = None
-    for step in bar:
-        t_step = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = _cosine(step, cfg.distill_steps, cfg.distill_lr, 0.1, 20)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
-        idx = torch.randint(0, n, (cfg.distill_batch,), generator=gen)
-        z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
-        b, t = z.shape[:2]
-        ctx_sigma = torch.rand(b, t, generator=gen) * cfg.context_noise
-        ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
-        ctx_noise = torch.randn(z.shape, generator=gen)
-        noise = torch.randn(z[:, 1:].shape, generator=gen)
-        sc = ctx_sigma[..., None, None, None]
-        context = ((1 - sc) * z + sc * ctx_noise).to(device)
-        z, a, ctx_sigma, noise = z.to(device), a.to(device), ctx_sigma.to(device), noise.to(device)
-        with torch.no_grad():
-            target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, teacher_sigmas, cfg.amp)
-        sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, student_sigmas, cfg.amp)
-        loss = (sample - target).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        tuner.record(time.perf_counter() - t_step)
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.distill_steps:
-            bar.set_postfix(loss=f"{loss_ema:.4f}")
-            log.write(
-                stage="distill",
-                threads=tuner.current,
-                step=done,
-                loss_ema=round(loss_ema, 5),
-                elapsed_s=round(time.time() - t0, 1),
-            )
-        if done % cfg.checkpoint_every == 0 or done == cfg.distill_steps:
-            _save_atomic({"model": student.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+    schedule = lr_schedules(cfg)["distill"]
+    opt = torch.optim.AdamW(student.parameters(), lr=schedule.peak, weight_decay=0.0)
+    stage = Stage("distill", {"model": student}, opt, schedule, smooth_losses=True)
+    start = stage.resume(cfg.out, device)
+    if start < stage.steps:
+        mask, slots = student.training_mask(cfg.dyn_frames, device)
+        sigmas = (_euler_sigmas(cfg.distill_teacher_steps), _euler_sigmas(cfg.distill_student_steps))
+        step = partial(_distill_step, cfg, data, teacher, student, opt, mask, slots, sigmas)
+        run_stage(stage, start, step, cfg, log)
     return student.eval().requires_grad_(False)
+
+
+def _distill_step(
+    cfg: TrainConfig,
+    data: dict[str, torch.Tensor],
+    teacher: DynamicsTransformer,
+    student: DynamicsTransformer,
+    opt: torch.optim.Optimizer,
+    mask: torch.Tensor,
+    slots: torch.Tensor,
+    sigmas: tuple[list[float], list[float]],
+    step: int,
+) -> Losses:
+    """``sigmas``: the teacher's and the student's Euler steps."""
+    device = _device()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+    idx = torch.randint(0, data["acts"].shape[0], (cfg.distill_batch,), generator=gen)
+    z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
+    b, t = z.shape[:2]
+    ctx_sigma = torch.rand(b, t, generator=gen) * cfg.context_noise
+    ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
+    ctx_noise = torch.randn(z.shape, generator=gen)
+    noise = torch.randn(z[:, 1:].shape, generator=gen)
+    sc = ctx_sigma[..., None, None, None]
+    context = ((1 - sc) * z + sc * ctx_noise).to(device)
+    z, a, ctx_sigma, noise = z.to(device), a.to(device), ctx_sigma.to(device), noise.to(device)
+    with torch.no_grad():
+        target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, sigmas[0], cfg.amp)
+    sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, sigmas[1], cfg.amp)
+    loss = (sample - target).pow(2).mean()
+    _descend(opt, loss, clip=list(student.parameters()))
+    return {"loss": loss.detach()}
+
+
+def _euler_sigmas(num_steps: int) -> list[float]:
+    return FlowMatchEulerScheduler.make_sigmas(FlowMatchEulerSchedulerConfig(num_steps=num_steps))
 
 
 # ---------------------------------------------------------------------------- stage 5: decoder
@@ -691,49 +841,65 @@ def _generated_pairs(
     device = _device()
     rng = np.random.default_rng([cfg.seed, 4])
     mean, std = stats["mean"].to(device)[:, None, None], stats["std"].to(device)[:, None, None]
-    sigmas = FlowMatchEulerScheduler.make_sigmas(
-        FlowMatchEulerSchedulerConfig(num_steps=cfg.decoder_finetune_sampling_steps)
-    )
+    sigmas = _euler_sigmas(cfg.decoder_finetune_sampling_steps)
     ctx_sigma = cfg.decoder_finetune_context_noise
     gen_out, real_out, frames_out, masks_out = [], [], [], []
     chunk = 64
-    for i in tqdm(range(0, cfg.decoder_finetune_pairs, chunk), desc="decoder pairs"):
-        m = min(chunk, cfg.decoder_finetune_pairs - i)
-        n = int(rng.integers(1, cfg.decoder_finetune_max_rollout + 1))
-        frames, actions = sample_trajectories(maps, m, n + 1, rng)
-        x = _to_unit(np.concatenate([frames[:, 0], frames[:, -1]]), device)
-        z = ((ae.encode(x) - mean) / std).float()
-        a = torch.from_numpy(actions).to(device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + i)
-        cache = dyn.new_cache(m, device, torch.float32)
-        first = dyn.patchify(z[:m])
-        for _ in range(cfg.dynamics.window):
-            ctx = dyn.rotated_context(cache)
-            zeros = torch.zeros(m, device=device)
-            _, kvs = dyn.forward_frame(first, zeros, zeros.long(), ctx, cache.num_frames)
-            cache.append_frame(kvs)
-        for t in range(1, n + 1):
-            ctx = dyn.rotated_context(cache)
-            tokens = torch.randn(first.shape, generator=gen, device=device)
-            for sigma, sigma_next in itertools.pairwise(sigmas):
-                level = torch.full((m,), sigma, device=device)
-                v, _ = dyn.forward_frame(tokens, level, a[:, t], ctx, cache.num_frames)
-                tokens = tokens + (sigma_next - sigma) * v
-            noise = torch.randn(tokens.shape, generator=gen, device=device)
-            noised = (1 - ctx_sigma) * tokens + ctx_sigma * noise
-            level = torch.full((m,), ctx_sigma, device=device)
-            _, kvs = dyn.forward_frame(noised, level, a[:, t], ctx, cache.num_frames)
-            cache.append_frame(kvs)
-        gen_out.append(dyn.unpatchify(tokens).cpu())
-        real_out.append(z[m:].cpu())
-        frames_out.append(frames[:, -1])
-        masks_out.append(_known_mask(actions))
+    with Progress("decoder pairs", -(-cfg.decoder_finetune_pairs // chunk)) as progress:
+        for i in range(0, cfg.decoder_finetune_pairs, chunk):
+            m = min(chunk, cfg.decoder_finetune_pairs - i)
+            n = int(rng.integers(1, cfg.decoder_finetune_max_rollout + 1))
+            frames, actions = sample_trajectories(maps, m, n + 1, rng)
+            x = _to_unit(np.concatenate([frames[:, 0], frames[:, -1]]), device)
+            z = ((ae.encode(x) - mean) / std).float()
+            a = torch.from_numpy(actions).to(device)
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 31 + i)
+            tokens = _rollout(dyn, dyn.patchify(z[:m]), a, gen, sigmas, ctx_sigma)
+            gen_out.append(dyn.unpatchify(tokens).cpu())
+            real_out.append(z[m:].cpu())
+            frames_out.append(frames[:, -1])
+            masks_out.append(_known_mask(actions))
+            progress.advance()
     return (
         torch.cat(gen_out),
         torch.cat(real_out),
         np.concatenate(frames_out),
         np.concatenate(masks_out),
     )
+
+
+@torch.no_grad()
+def _rollout(
+    dyn: DynamicsTransformer,
+    first: torch.Tensor,
+    actions: torch.Tensor,
+    gen: torch.Generator,
+    sigmas: list[float],
+    ctx_sigma: float,
+) -> torch.Tensor:
+    """Tokens of the last frame generated from ``first`` (tokens, ``window`` copies in the cache)
+    by moves ``actions[:, 1:]``, as the pipeline samples: Euler steps, context noise ``ctx_sigma``."""
+    m, device = len(first), first.device
+    cache = dyn.new_cache(m, device, torch.float32)
+    for _ in range(dyn.config.window):
+        ctx = dyn.rotated_context(cache)
+        zeros = torch.zeros(m, device=device)
+        _, kvs = dyn.forward_frame(first, zeros, zeros.long(), ctx, cache.num_frames)
+        cache.append_frame(kvs)
+    tokens = first
+    for t in range(1, actions.shape[1]):
+        ctx = dyn.rotated_context(cache)
+        tokens = torch.randn(first.shape, generator=gen, device=device)
+        for sigma, sigma_next in itertools.pairwise(sigmas):
+            level = torch.full((m,), sigma, device=device)
+            v, _ = dyn.forward_frame(tokens, level, actions[:, t], ctx, cache.num_frames)
+            tokens = tokens + (sigma_next - sigma) * v
+        noise = torch.randn(tokens.shape, generator=gen, device=device)
+        noised = (1 - ctx_sigma) * tokens + ctx_sigma * noise
+        level = torch.full((m,), ctx_sigma, device=device)
+        _, kvs = dyn.forward_frame(noised, level, actions[:, t], ctx, cache.num_frames)
+        cache.append_frame(kvs)
+    return tokens
 
 
 def _masked_recon_loss(
@@ -776,65 +942,45 @@ def finetune_decoder(
     """Fine-tune the decoder (encoder frozen, so the latent space is unchanged) on latents the
     dynamics model generates, next to real ones, so generated frames decode as sharply as they can.
     """
-    device = _device()
-    ckpt = cfg.out / "decoder.ckpt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device)
-        ae.decoder.load_state_dict(state["decoder"])
-        start = state["step"]
-    if start >= cfg.decoder_finetune_steps:
+    schedule = lr_schedules(cfg)["decoder"]
+    opt = torch.optim.AdamW(ae.decoder.parameters(), lr=schedule.peak, weight_decay=0.0)
+    stage = Stage("decoder", {"decoder": ae.decoder}, opt, schedule)
+    start = stage.resume(cfg.out, _device())
+    if start >= stage.steps:
         return ae.eval()
     gen_z, real_z, frames, masks = _generated_pairs(cfg, maps, ae, dyn, stats)
     mean, std = stats["mean"][:, None, None], stats["std"][:, None, None]
-    gen_z, real_z = gen_z * std + mean, real_z * std + mean
-    opt = torch.optim.AdamW(ae.decoder.parameters(), lr=cfg.decoder_finetune_lr, weight_decay=0.0)
-    if start:
-        opt.load_state_dict(state["opt"])
+    pairs = (gen_z * std + mean, real_z * std + mean, frames, masks)
     ae.train()
-    n = len(frames)
-    half = cfg.ae_batch // 2
-    bar = tqdm(
-        range(start, cfg.decoder_finetune_steps),
-        desc="decoder",
-        initial=start,
-        total=cfg.decoder_finetune_steps,
-    )
-    tuner = ThreadTuner(cfg.max_threads)
-    t0 = time.time()
-    for step in bar:
-        t_step = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = _cosine(step, cfg.decoder_finetune_steps, cfg.decoder_finetune_lr, 0.05, 50)
-        gen = torch.Generator().manual_seed(cfg.seed * 7907 + step)
-        idx = torch.randint(0, n, (2 * half,), generator=gen)
-        # Channels-last: the decoder's convolutions run ~2x faster on CPU (oneDNN's layout).
-        z = torch.cat([gen_z[idx[:half]], real_z[idx[half:]]]).to(device, memory_format=torch.channels_last)
-        x = _to_unit(frames[idx.numpy()], device)
-        mask = torch.from_numpy(masks[idx[:half].numpy()])
-        mask = torch.cat([mask, torch.ones(len(idx) - half, *mask.shape[1:])])[:, None].to(device)
-        with _autocast(device, cfg.amp):
-            y = ae.decode(z).float()
-        loss = _masked_recon_loss(y, x, mask, cfg.ae_grad_loss)
-        if cfg.decoder_texture_loss > 0:
-            loss = loss + cfg.decoder_texture_loss * _texture_loss(y, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tuner.record(time.perf_counter() - t_step)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.decoder_finetune_steps:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(
-                stage="decoder",
-                threads=tuner.current,
-                step=done,
-                loss=round(loss.item(), 5),
-                elapsed_s=round(time.time() - t0, 1),
-            )
-        if done % cfg.checkpoint_every == 0 or done == cfg.decoder_finetune_steps:
-            _save_atomic({"decoder": ae.decoder.state_dict(), "opt": opt.state_dict(), "step": done}, ckpt)
+    run_stage(stage, start, partial(_decoder_step, cfg, ae, opt, pairs), cfg, log)
     return ae.eval()
+
+
+def _decoder_step(
+    cfg: TrainConfig,
+    ae: Autoencoder,
+    opt: torch.optim.Optimizer,
+    pairs: tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray],
+    step: int,
+) -> Losses:
+    """Half the batch generated latents (loss on pixels that stayed in view), half real ones."""
+    device = _device()
+    gen_z, real_z, frames, masks = pairs
+    half = cfg.ae_batch // 2
+    gen = torch.Generator().manual_seed(cfg.seed * 7907 + step)
+    idx = torch.randint(0, len(frames), (2 * half,), generator=gen)
+    # Channels-last: the decoder's convolutions run ~2x faster on CPU (oneDNN's layout).
+    z = torch.cat([gen_z[idx[:half]], real_z[idx[half:]]]).to(device, memory_format=torch.channels_last)
+    x = _to_unit(frames[idx.numpy()], device)
+    mask = torch.from_numpy(masks[idx[:half].numpy()])
+    mask = torch.cat([mask, torch.ones(len(idx) - half, *mask.shape[1:])])[:, None].to(device)
+    with _autocast(device, cfg.amp):
+        y = ae.decode(z).float()
+    loss = _masked_recon_loss(y, x, mask, cfg.ae_grad_loss)
+    if cfg.decoder_texture_loss > 0:
+        loss = loss + cfg.decoder_texture_loss * _texture_loss(y, x)
+    _descend(opt, loss)
+    return {"loss": loss.detach()}
 
 
 # ---------------------------------------------------------------------------- driver

@@ -1,0 +1,3 @@
+from dreamstream.cli import main
+
+raise SystemExit(main())

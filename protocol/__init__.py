@@ -1,0 +1,69 @@
+"""dreamstream protocol v1: what a client and a server say to each other (see docs/protocol.md).
+
+The bottom layer of the project, imported by both ends and importing neither (pydantic, numpy
+and the standard library only; no torch, no web server):
+
+* :mod:`protocol.constants` — version, stream path, default URL;
+* :mod:`protocol.messages` — the JSON messages, one discriminated union per direction, and the
+  parsers both ends use;
+* :mod:`protocol.frames` — codecs and the 16-byte header of binary frame messages;
+* :mod:`protocol.errors` — error codes, close codes, :class:`ProtocolError`;
+* :mod:`protocol.png` — the project's one PNG codec (frames with ``codec=png``, start images).
+"""
+
+from protocol.constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL, PROTOCOL_VERSION, STREAM_PATH
+from protocol.errors import FATAL_CLOSE, CloseCode, ErrorCode, ProtocolError, describe_validation_error
+from protocol.frames import CODEC_NAMES, Codec, CodecName, FrameHeader
+from protocol.messages import (
+    CLIENT_MESSAGE_TYPES,
+    SERVER_MESSAGE_TYPES,
+    ClientMessage,
+    EndedMessage,
+    EndMessage,
+    ErrorMessage,
+    PingMessage,
+    PongMessage,
+    ReadyMessage,
+    ResumeMessage,
+    ServerMessage,
+    StartMessage,
+    StepDoneMessage,
+    StepMessage,
+    StepTiming,
+    parse_client_message,
+    parse_server_message,
+)
+
+__all__ = [
+    "CLIENT_MESSAGE_TYPES",
+    "CODEC_NAMES",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_URL",
+    "FATAL_CLOSE",
+    "PROTOCOL_VERSION",
+    "SERVER_MESSAGE_TYPES",
+    "STREAM_PATH",
+    "ClientMessage",
+    "CloseCode",
+    "Codec",
+    "CodecName",
+    "EndMessage",
+    "EndedMessage",
+    "ErrorCode",
+    "ErrorMessage",
+    "FrameHeader",
+    "PingMessage",
+    "PongMessage",
+    "ProtocolError",
+    "ReadyMessage",
+    "ResumeMessage",
+    "ServerMessage",
+    "StartMessage",
+    "StepDoneMessage",
+    "StepMessage",
+    "StepTiming",
+    "describe_validation_error",
+    "parse_client_message",
+    "parse_server_message",
+]
