@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from pipeline.errors import ConfigError
 from pipeline.overrides import parse_value
@@ -75,9 +75,9 @@ def _field_adapter(cls: type, name: str) -> TypeAdapter[Any] | None:
         return None
     if hint is Any or (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
         return None
-    try:
-        return TypeAdapter(hint)
-    except Exception:  # a type pydantic cannot validate (e.g. an arbitrary class)
+    try:  # arbitrary classes (e.g. the I/O adapter) are checked with isinstance
+        return TypeAdapter(hint, config=ConfigDict(arbitrary_types_allowed=True))
+    except Exception:  # a type pydantic cannot validate at all
         return None
 
 
