@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dreamstream: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(command.module)
-    except ModuleNotFoundError as exc:
+        return int(importlib.import_module(command.module).main(rest) or 0)
+    except ModuleNotFoundError as exc:  # at import, or a lazy import inside the command
         missing = (exc.name or "").partition(".")[0]
         if command.extra is None or not missing or missing in OWN_PACKAGES:
             raise
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

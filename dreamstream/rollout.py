@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--actions",
-        default="",
+        default=None,
         help="scripted actions: JSON values separated by ';', cycled over the steps, e.g. "
         '\'{"move":"up"};{"move":"left"}\' for tiny-world or \'{"x":1};{"x":2}\' for synthetic '
         "(default: seeded random actions valid for the action schema)",
@@ -111,13 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         raw_options = json.loads(args.options)
         if not isinstance(raw_options, dict):
             raise ValueError("--options must be a JSON object")
-        scripted = parse_actions(args.actions)
+        scripted = parse_actions(args.actions or "")
     except json.JSONDecodeError as exc:
         return fail(f"--options is not JSON: {exc.msg}")
     except ValueError as exc:  # ConfigError is one
         return fail(_one_line(exc))
 
-    from loguru import logger
+    try:  # the [server] extra; imported here so that --help and argument errors need none of it
+        import torch  # noqa: F401  (every pipeline runs on it)
+        from loguru import logger
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "torch").partition(".")[0]
+        return fail(f"needs {missing!r}, which is not installed: pip install 'dreamstream[server]'")
 
     from clients.actions import RandomPolicy
     from clients.media import save_contact_sheet
@@ -135,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         options = io.validate_options(raw_options)
     except ValueError as exc:  # pydantic's ValidationError is one
         return fail(f"--options: {_one_line(exc)}")
-    try:
-        actions = [io.validate_action(a) for a in scripted]
-    except ValueError as exc:
-        return fail(f"--actions: {_one_line(exc)}")
+    actions = []
+    for i, raw in enumerate(scripted):
+        try:
+            actions.append(io.validate_action(raw))
+        except ValueError as exc:  # pydantic's ValidationError is one
+            return fail(
+                f"--actions: action {i + 1} ({json.dumps(raw)}) does not fit the schema: {_one_line(exc)}"
+            )
     cache = io.initialize_session(pipe, options, args.seed)
     policy = RandomPolicy(io.action_model.model_json_schema(), seed=args.seed)
     frames: list[np.ndarray] = []

@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
+# Every install takes its versions from constraints.txt (regenerate: bash scripts/lock.sh), so CI tests
+# exactly what the Dockerfile and the README's commands install.
 # CPU torch from the machine's local wheel first, so nothing pulls a CUDA build.
-.venv/bin/pip install --quiet torch==2.13.0
-.venv/bin/pip install --quiet -e '.[dev]'
+.venv/bin/pip install --quiet -c constraints.txt torch==2.13.0
+.venv/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 
 # The browser-demo test drives Debian's Chromium (never a downloaded browser).
 if ! command -v chromium >/dev/null 2>&1; then
@@ -22,5 +24,7 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy pipeline server clients
+mypy_paths=(pipeline server clients protocol dreamstream)
+if [ -d examples ]; then mypy_paths+=(examples); fi
+.venv/bin/mypy "${mypy_paths[@]}"
 .venv/bin/python -m pytest "$@"
