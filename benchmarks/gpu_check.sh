@@ -39,9 +39,9 @@ if [[ -n "$wheels" ]]; then
     "$wheels"/*.whl || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH="/tmp/dreamstream-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
-  $py -m pip install -q fastapi 'uvicorn[standard]' websockets pydantic loguru numpy simplejpeg safetensors \
-    prometheus-client hdrhistogram tqdm pytest pytest-asyncio pytest-timeout httpx \
-    || echo "note: pip could not install some packages; using what is present"
+  $py -m pip install -q -c constraints.txt fastapi 'uvicorn[standard]' websockets pydantic pydantic-settings \
+    loguru numpy simplejpeg safetensors prometheus-client hdrhistogram tqdm pytest pytest-asyncio \
+    pytest-timeout httpx || echo "note: pip could not install some packages; using what is present"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 $py - <<'PY' || { echo "torch with CUDA is required"; exit 1; }

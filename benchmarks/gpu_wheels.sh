@@ -7,18 +7,23 @@
 #   # copy OUT_DIR there, then: bash benchmarks/gpu_check.sh RESULTS_DIR OUT_DIR
 #
 # Pure-Python wheels fit any version; the compiled ones (pydantic-core, websockets, simplejpeg,
-# hdrhistogram, httptools) are fetched for manylinux x86-64 and PYTHON_VERSION.
+# hdrhistogram, httptools) are fetched for manylinux x86-64 and PYTHON_VERSION. Versions come from
+# constraints.txt (what CI tests); the list below only names what the GPU check needs besides torch.
 set -euo pipefail
-out="${1:?usage: gpu_wheels.sh OUT_DIR [PYTHON_VERSION]}"
+out="$(mkdir -p "${1:?usage: gpu_wheels.sh OUT_DIR [PYTHON_VERSION]}" && cd "$1" && pwd)"
 pyver="${2:-3.12}"
-mkdir -p "$out"
-packages=(
-  fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 websockets==17.4 httptools==0.9.0 h11==0.16.0
-  anyio==4.16.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 annotated-doc==0.0.7
-  typing-inspection==0.4.5 typing_extensions==4.16.0 opentelemetry-api==1.45.2 loguru==0.7.3
-  simplejpeg==1.9.0 hdrhistogram==0.10.8 pbr==7.1.3
-  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
+cd "$(dirname "$0")/.."
+names=(
+  fastapi starlette uvicorn websockets httptools h11 anyio pydantic pydantic-core annotated-types
+  annotated-doc typing-inspection typing-extensions opentelemetry-api loguru pydantic-settings
+  python-dotenv simplejpeg hdrhistogram pbr safetensors prometheus-client tqdm
+  pytest pluggy iniconfig pytest-asyncio pytest-timeout httpx httpcore idna certifi packaging pygments
 )
+packages=()
+for name in "${names[@]}"; do
+  pin=$(grep -E "^${name}==" constraints.txt) || { echo "no pin for $name in constraints.txt" >&2; exit 1; }
+  packages+=("$pin")
+done
 platforms=()
 for p in manylinux1_x86_64 manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 \
   manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 any; do

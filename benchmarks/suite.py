@@ -80,7 +80,7 @@ def serving(cfg: SuiteConfig, mode: str, extra: list[str] | None = None) -> Iter
         str(max(8, max(cfg.session_counts))),
         "--max-inflight",
         "2",
-        "--idle-timeout",
+        "--idle-timeout-s",
         "120",
         "--log-level",
         "WARNING",

@@ -13,14 +13,19 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from clients.actions import RandomPolicy
+from clients.media import save_contact_sheet
 from pipeline.errors import PipelineError
 from pipeline.overrides import parse_overrides
 from pipeline.registry import DEFAULT_PIPELINE, available_pipelines, load_pipeline
+from protocol import describe_validation_error
 
 DESCRIPTION = (
     "Run a pipeline in-process (no server): initialize a session, generate and finalize N steps "
@@ -67,89 +72,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A bad argument, reported in one line with exit status 2."""
+
+
 def parse_actions(text: str) -> list[Any]:
-    """``--actions``: JSON values separated by ``;`` (empty → ``[]``); ``ValueError`` names the bad one."""
+    """``--actions``: JSON values separated by ``;``; :class:`UsageError` names a bad one."""
     actions = []
     for i, part in enumerate(p for p in text.split(";") if p.strip()):
         try:
             actions.append(json.loads(part))
         except json.JSONDecodeError as exc:
-            raise ValueError(
+            raise UsageError(
                 f"--actions: action {i + 1} ({part.strip()!r}) is not JSON: {exc.msg} "
                 "(actions are JSON values separated by ';')"
             ) from None
     return actions
 
 
-def _one_line(exc: Exception) -> str:
-    """An exception as one line; pydantic's multi-line ``ValidationError`` becomes ``loc: msg; ...``."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        try:
-            parts = [
-                f"{'.'.join(str(x) for x in e.get('loc', ())) or 'value'}: {e.get('msg', '')}"
-                for e in errors()
-            ]
-            return "; ".join(parts)
-        except (TypeError, AttributeError):
-            pass
-    return " ".join(str(exc).split())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    def fail(message: str) -> int:
-        print(f"dreamstream rollout: {message}", file=sys.stderr)
-        return 2
-
-    # Everything that can be checked without building the pipeline first.
+def check_arguments(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, Any], list[Any]]:
+    """What can be checked before the pipeline is built: overrides, options, scripted actions."""
+    if args.steps < 1:
+        raise UsageError("--steps must be >= 1")
     try:
-        if args.steps < 1:
-            raise ValueError("--steps must be >= 1")
         overrides = parse_overrides(args.set)
-        raw_options = json.loads(args.options)
-        if not isinstance(raw_options, dict):
-            raise ValueError("--options must be a JSON object")
-        scripted = parse_actions(args.actions or "")
+        options = json.loads(args.options)
+    except PipelineError as exc:
+        raise UsageError(str(exc)) from None
     except json.JSONDecodeError as exc:
-        return fail(f"--options is not JSON: {exc.msg}")
-    except ValueError as exc:  # ConfigError is one
-        return fail(_one_line(exc))
+        raise UsageError(f"--options is not JSON: {exc.msg}") from None
+    if not isinstance(options, dict):
+        raise UsageError("--options must be a JSON object")
+    if args.profile:
+        overrides["enable_sync_and_profile"] = "true"
+    return overrides, options, parse_actions(args.actions or "")
 
-    try:  # the [server] extra; imported here so that --help and argument errors need none of it
-        import torch  # noqa: F401  (every pipeline runs on it)
-        from loguru import logger
-    except ModuleNotFoundError as exc:
-        missing = (exc.name or "torch").partition(".")[0]
-        return fail(f"needs {missing!r}, which is not installed: pip install 'dreamstream[server]'")
 
-    from clients.actions import RandomPolicy
-    from clients.media import save_contact_sheet
+def validated(model: Callable[[Any], Any], raw: Any, what: str) -> Any:
+    """``model(raw)``, or :class:`UsageError` saying ``what`` did not fit and why, in one line."""
+    try:
+        return model(raw)
+    except ValidationError as exc:
+        raise UsageError(f"{what} does not fit the schema: {describe_validation_error(exc)}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides, raw_options, scripted = check_arguments(args)
+    import torch  # noqa: F401  (the [server] extra: without it the dispatcher names the fix)
+    from loguru import logger
 
     logger.remove()
     logger.add(sys.stderr, level="INFO")
-    if args.profile:
-        overrides["enable_sync_and_profile"] = "true"
     try:
         pipe = load_pipeline(args.pipeline, **overrides)
-    except (PipelineError, ValueError) as exc:  # unknown pipeline, unknown --set key, bad --set value
-        return fail(_one_line(exc))
+    except PipelineError as exc:  # unknown pipeline, unknown --set key, bad --set value
+        raise UsageError(str(exc)) from None
     io = pipe.io
-    try:
-        options = io.validate_options(raw_options)
-    except ValueError as exc:  # pydantic's ValidationError is one
-        return fail(f"--options: {_one_line(exc)}")
-    actions = []
-    for i, raw in enumerate(scripted):
-        try:
-            actions.append(io.validate_action(raw))
-        except ValueError as exc:  # pydantic's ValidationError is one
-            return fail(
-                f"--actions: action {i + 1} ({json.dumps(raw)}) does not fit the schema: {_one_line(exc)}"
-            )
-    cache = io.initialize_session(pipe, options, args.seed)
+    options = validated(io.validate_options, raw_options, "--options")
+    actions = [validated(io.validate_action, a, f"--actions: action {i + 1} ({json.dumps(a)})")
+               for i, a in enumerate(scripted)]  # fmt: skip
     policy = RandomPolicy(io.action_model.model_json_schema(), seed=args.seed)
+    cache = io.initialize_session(pipe, options, args.seed)
     frames: list[np.ndarray] = []
     stats: list[dict[str, float]] = []
     for k in range(args.steps):
@@ -162,9 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         save_contact_sheet(frames, args.out, columns=10, scale=2, max_frames=len(frames))
     except OSError as exc:
-        return fail(f"cannot write {args.out}: {exc}")
+        raise UsageError(f"cannot write {args.out}: {exc}") from None
     print(f"{args.pipeline}: {args.steps} steps, {len(frames)} frames -> {args.out}")
     if stats:
         keys = [k for k in stats[0] if k.endswith("_ms")]
         print("  ".join(f"{k} {statistics.median(s[k] for s in stats[1:] or stats):.2f}" for k in keys))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(build_parser().parse_args(argv))
+    except UsageError as exc:
+        print(f"dreamstream rollout: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
