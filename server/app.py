@@ -99,7 +99,6 @@ async def build_context(config: ServerConfig) -> ServerContext:
     worker = DeviceWorker(
         pipeline,
         max_batch=config.max_batch,
-        gather_window_ms=config.gather_window_ms,
         batch_sizes=config.batch_sizes,
         schedule=NaiveSchedule() if config.naive else OverlapSchedule(),
         torch_threads=threads,

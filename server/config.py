@@ -77,8 +77,6 @@ class ServerConfig(BaseSettings):
     batch_sizes: Annotated[list[int] | None, NoDecode] = None
     """Only run batches of these sizes, e.g. 1,2,4,8 (for pipelines compiled for fixed shapes;
     the warm-up then runs each size once); none: any size."""
-    gather_window_ms: float = Field(default=0.0, ge=0, le=1000)
-    """Wait this long for more ready steps before running a batch."""
     naive: bool = False
     """Comparison mode: generate and finalize back to back before answering, one step at a time
     (no batching, no finalize overlap)."""

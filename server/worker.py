@@ -5,7 +5,7 @@ Scheduling (one *round* at a time, on the worker thread):
 1. Control work first: create caches for new sessions (``initialize_session``), drop the caches
    of ended ones.
 2. Take the sessions that have a step ready, oldest-waiting first (a FIFO of sessions, each at
-   most once), up to ``max_batch`` of them; optionally wait ``gather_window_ms`` for more first.
+   most once), up to ``max_batch`` of them.
 3. ``generate_batch`` (or ``generate`` for a batch of one, or for pipelines without batch support)
    → frames are copied towards host memory and **handed to each session's sender at once**
    (``loop.call_soon_threadsafe``) → ``finalize_batch`` runs right after, while the frames are
@@ -228,7 +228,6 @@ class DeviceWorker:
         pipeline: ServedPipeline,
         *,
         max_batch: int = 8,
-        gather_window_ms: float = 0.0,
         batch_sizes: list[int] | tuple[int, ...] | None = None,
         schedule: Schedule | None = None,
         torch_threads: int | None = None,
@@ -257,7 +256,6 @@ class DeviceWorker:
         path); sessions that do not fit the largest allowed size run in the next round."""
         if batch_sizes:
             self.batch_sizes = tuple(sorted({1, *(b for b in batch_sizes if b <= self.max_batch)}))
-        self.gather_window_s = gather_window_ms / 1000.0
         self.timeline = timeline or Timeline()
         self.metrics = metrics or ServerMetrics()
         self._cond = threading.Condition()
@@ -408,16 +406,6 @@ class DeviceWorker:
         for control in controls:
             self._run_control(control)
         with self._cond:
-            # Gather window: wait a little for more sessions' steps, but never for more than
-            # there are sessions (a lone session never waits).
-            want = min(self.max_batch, len(self._slots))
-            if self._ready and len(self._ready) < want and self.gather_window_s > 0:
-                deadline = time.monotonic() + self.gather_window_s
-                while len(self._ready) < want and not self._stopping:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
             for stale in [s for s in self._ready if s.closed or not s.requests]:
                 stale.queued = False
                 self._ready.remove(stale)

@@ -26,7 +26,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     cfg = load_config([])
-    assert cfg.max_inflight >= 1 and cfg.gather_window_ms == 0 and cfg.naive is False
+    assert cfg.max_inflight >= 1 and cfg.naive is False
     assert cfg.codec == "jpeg" and cfg.token is None and cfg.warmup is True
 
 
@@ -68,13 +68,13 @@ def test_every_option_is_a_flag_and_an_environment_variable(monkeypatch: pytest.
 def test_cli_flags_set_their_fields() -> None:
     flags = (
         "--host 0.0.0.0 --port 9000 --device cpu --idle-timeout-s 5 --resume-window-s 0 "
-        "--max-inflight 4 --max-batch 2 --gather-window-ms 1.5 --naive --codec png --quality 70 "
+        "--max-inflight 4 --max-batch 2 --naive --codec png --quality 70 "
         "--token t --json-logs --debug-timeline --no-warmup --batch-sizes 4,1,2 --gil-switch-ms 2"
     )
     cfg = load_config(flags.split(" "))
     assert cfg.host == "0.0.0.0" and cfg.port == 9000 and cfg.device == "cpu"
     assert (cfg.idle_timeout_s, cfg.resume_window_s, cfg.max_inflight) == (5, 0, 4)
-    assert (cfg.max_batch, cfg.gather_window_ms, cfg.naive) == (2, 1.5, True)
+    assert (cfg.max_batch, cfg.naive) == (2, True)
     assert (cfg.codec, cfg.quality, cfg.token) == ("png", 70, "t")
     assert cfg.json_logs and cfg.debug_timeline and cfg.warmup is False
     assert cfg.batch_sizes == [1, 2, 4] and cfg.gil_switch_ms == 2

@@ -112,7 +112,6 @@ async def test_batching_runs_sessions_together_with_identical_frames(
         pipeline_overrides={"generate_ms": 30, "finalize_ms": 10, "batch_cost": 0.1},
         max_batch=max_batch,
         batch_sizes=batch_sizes,
-        gather_window_ms=10,
         resume_window_s=0,
     )
     warm = {e["batch"] for e in srv.timeline()["events"] if e["kind"] == "generate"}

@@ -241,23 +241,6 @@ def test_release_and_stop_free_every_cache(make_worker: Any) -> None:
     assert worker.live_caches == 0
 
 
-def test_gather_window_waits_for_other_sessions_only(make_worker: Any) -> None:
-    worker = make_worker(max_batch=4, gather_window_ms=300)
-    open_sessions(worker, {"A": {"seed": 1}})
-    sink = Collector()
-    t0 = time.monotonic()
-    submit(worker, "A", 0, sink)
-    sink.wait(1)
-    assert time.monotonic() - t0 < 0.25  # a lone session does not wait for the window
-    open_sessions(worker, {"B": {"seed": 2}})
-    submit(worker, "A", 1, sink)
-    time.sleep(0.05)
-    submit(worker, "B", 0, sink)  # arrives within the window: joins A's batch
-    sink.wait(3)
-    sizes = [b for s, _, b in generate_order(worker.timeline.events()) if s in "AB"]
-    assert sizes[-2:] == [2, 2]
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_frames_reach_host_exactly(make_worker: Any) -> None:
