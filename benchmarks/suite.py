@@ -82,6 +82,10 @@ def serving(cfg: SuiteConfig, mode: str, extra: list[str] | None = None) -> Iter
         "2",
         "--idle-timeout-s",
         "120",
+        "--max-sessions-per-client",  # every load-test session comes from this one address
+        "0",
+        "--max-connections-per-client",
+        "0",
         "--log-level",
         "WARNING",
         *cfg.set_args(),

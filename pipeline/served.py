@@ -1,12 +1,15 @@
 """What a server needs of a pipeline: the :class:`ServedPipeline` protocol.
 
 Every :class:`~pipeline.stream_pipeline.StreamInferencePipeline` satisfies it; so does any object
-with these members (e.g. a FlashDreams pipeline with an ``io`` and ``undo_generate`` added).
+with these members (e.g. a FlashDreams pipeline with an ``io``, ``undo_generate`` and
+``undo_finalize`` added).
 :func:`as_served` checks an object once, when it is loaded, and names what is missing.
 
 Calls happen on one thread (the server's device worker), one step per rollout at a time, in the
 contract's order: ``generate(k)`` then ``finalize(k)`` before ``generate(k + 1)``. ``finalize``
-may run while step ``k``'s frames are still being encoded and sent.
+may run while step ``k``'s frames are still being encoded and sent. When ``generate_batch`` or
+``finalize_batch`` raises, the server calls ``undo_generate`` / ``undo_finalize`` on each rollout
+of the batch and runs each one again alone, so only a faulty rollout fails.
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ class ServedPipeline(Protocol):
 
     def undo_generate(self, autoregressive_index: int, cache: Any) -> None:
         """Forget a failed ``generate(autoregressive_index)`` so the step can run again."""
+        ...
+
+    def undo_finalize(self, autoregressive_index: int, cache: Any) -> bool:
+        """After a failed ``finalize_batch``, make this rollout's ``finalize`` retryable.
+
+        True: the step still has to be finalized, and the cache is again as right after its
+        ``generate`` (``finalize`` may run again, alone). False: the failed batch had already
+        finalized this rollout. Raises if the rollout's cache cannot be restored.
+        """
         ...
 
 

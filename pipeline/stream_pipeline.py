@@ -82,6 +82,9 @@ class StreamInferencePipelineCache(
     rng_before_generate: Tensor | None = None
     """The rollout generator's state before the latest batched ``generate`` (``undo_generate``
     restores it, so a step run again after a failed batch draws the same noise)."""
+    rng_before_finalize: Tensor | None = None
+    """The rollout generator's state before the latest batched ``finalize`` (``undo_finalize``
+    restores it, so a finalize run again after a failed batch draws the same context noise)."""
 
 
 class StreamInferencePipeline(
@@ -339,10 +342,39 @@ class StreamInferencePipeline(
             for idx, cache in zip(autoregressive_indices, caches, strict=True):
                 self.finalize(idx, cache)
             return
-        states = []
         for cache in caches:
-            state = cache.final_state
+            generator = cache.transformer_cache.generator
+            cache.rng_before_finalize = generator.get_state() if generator is not None else None
+        # The states stay on the caches until the batch has succeeded (see undo_finalize): the
+        # forward runs on a stacked copy, and each rollout's cache changes only when it is copied
+        # back (unstack_caches) after the forward.
+        self.diffusion_model.finalize_batch([c.final_state for c in caches if c.final_state is not None])
+        for cache in caches:
             cache.final_state = None
-            if state is not None:
-                states.append(state)
-        self.diffusion_model.finalize_batch(states)
+            cache.rng_before_finalize = None
+
+    def undo_finalize(self, autoregressive_index: int, cache: StreamInferencePipelineCache) -> bool:
+        """Make ``finalize(autoregressive_index)`` retryable after a failed ``finalize_batch``.
+
+        Returns True when the step still has to be finalized: the cache is again as right after
+        its ``generate`` (the pending state is back, the generator as before the batch, the
+        batch's stacked cache forgotten). Returns False when the batch had already finalized this
+        rollout (``finalize`` books the step in the transformer cache last). Raises
+        :class:`FinalizeError` when the pending state was consumed by a ``finalize`` that failed
+        part-way (the one-at-a-time fallback): the rollout cannot be restored.
+        """
+        rng, cache.rng_before_finalize = cache.rng_before_finalize, None
+        if cache.transformer_cache.finalized_index == autoregressive_index:
+            cache.final_state = None
+            return False
+        state = cache.final_state
+        if state is None or cache.autoregressive_index != autoregressive_index:
+            raise FinalizeError(
+                f"finalize({autoregressive_index}) failed part-way and consumed its pending state; "
+                "this rollout cannot be restored"
+            )
+        state.batch = None  # a failed forward may have written the shared stacked cache
+        generator = cache.transformer_cache.generator
+        if rng is not None and generator is not None:
+            generator.set_state(rng)
+        return True

@@ -8,7 +8,8 @@ and the standard library only; no torch, no web server):
   parsers both ends use;
 * :mod:`protocol.frames` — codecs and the 16-byte header of binary frame messages;
 * :mod:`protocol.errors` — error codes, close codes, :class:`ProtocolError`;
-* :mod:`protocol.png` — the project's one PNG codec (frames with ``codec=png``, start images).
+* :mod:`protocol.png` — the project's PNG encoder (frames with ``codec=png``) and a small
+  decoder (clients without Pillow).
 """
 
 from protocol.constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL, PROTOCOL_VERSION, STREAM_PATH

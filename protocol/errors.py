@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum, IntEnum
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class ErrorCode(str, Enum):
@@ -30,6 +30,7 @@ class ErrorCode(str, Enum):
     TOO_LARGE = "too_large"
     INTERNAL = "internal"
     SHUTTING_DOWN = "shutting_down"
+    RATE_LIMITED = "rate_limited"
 
 
 class CloseCode(IntEnum):
@@ -52,6 +53,11 @@ FATAL_CLOSE: dict[ErrorCode, CloseCode] = {
 }
 """Close code that follows each error that ends the connection."""
 
+MAX_ERROR_MESSAGE_CHARS = 500
+"""An error's ``message`` is cut to this many characters, so it never carries a large payload."""
+MAX_ERROR_PARTS = 5
+"""Validation problems listed in one message (the rest are counted)."""
+
 
 class ProtocolError(Exception):
     """An ``error`` message as an exception: what was wrong, and whether it ends the connection.
@@ -63,6 +69,7 @@ class ProtocolError(Exception):
     def __init__(
         self, code: ErrorCode, message: str, *, step: int | None = None, fatal: bool | None = None
     ) -> None:
+        message = clip(message, MAX_ERROR_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -78,23 +85,36 @@ class ProtocolError(Exception):
 def describe_validation_error(exc: Exception, skip_loc: int = 0) -> str:
     """pydantic errors → ``"field: problem (got value)"`` phrases, joined by ``; ``.
 
-    Values are shown shortened, so an error never echoes a large payload back.
+    Values and field names are shown shortened and at most :data:`MAX_ERROR_PARTS` problems are
+    listed, so an error never echoes a large payload back.
     """
     if not isinstance(exc, ValidationError):
-        return str(exc)
+        return clip(str(exc), MAX_ERROR_MESSAGE_CHARS)
     parts: list[str] = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"][skip_loc:]) or "value"
+    errors = exc.errors(include_url=False)
+    for err in errors[:MAX_ERROR_PARTS]:
+        loc = clip(".".join(str(p) for p in err["loc"][skip_loc:]), 60) or "value"
         kind = err["type"]
         if kind == "extra_forbidden":
             parts.append(f"unexpected field {loc!r}")
         elif kind == "missing":
             parts.append(f"missing required field {loc!r}")
+        elif not err["loc"][skip_loc:] and isinstance(err.get("input"), (dict, BaseModel)):
+            parts.append(clip(err["msg"], 200))  # a model validator's own words on the whole object
         else:
-            parts.append(f"{loc}: {err['msg']} (got {shorten(err.get('input'))})")
+            parts.append(f"{loc}: {clip(err['msg'], 120)} (got {shorten(err.get('input'))})")
+    if len(errors) > MAX_ERROR_PARTS:
+        parts.append(f"and {len(errors) - MAX_ERROR_PARTS} more problem(s)")
     return "; ".join(parts)
 
 
 def shorten(value: object, limit: int = 80) -> str:
-    text = repr(value)
+    """``repr(value)``, cut to ``limit`` characters (a long string is cut before ``repr``)."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        value = value[:limit]
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in ``...`` when cut."""
     return text if len(text) <= limit else f"{text[: limit - 3]}..."

@@ -11,6 +11,8 @@ See docs/protocol.md for when each message is sent.
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
@@ -18,6 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, Valid
 from protocol.constants import PROTOCOL_VERSION
 from protocol.errors import ErrorCode, ProtocolError, describe_validation_error, shorten
 from protocol.frames import CodecName
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays/objects a message may have (the message object itself is level 1)."""
+MAX_STEP = 2**32 - 1
+"""Largest step index (the frame header carries it as uint32)."""
 
 
 # ---- client → server -------------------------------------------------------------------------
@@ -42,9 +49,9 @@ class ResumeMessage(_Message):
 
 class StepMessage(_Message):
     type: Literal["step"]
-    step: StrictInt = Field(ge=0)
+    step: StrictInt = Field(ge=0, le=MAX_STEP)
     action: Any = None
-    client_ts: float | None = None
+    client_ts: float | None = Field(None, allow_inf_nan=False)
 
 
 class PingMessage(_Message):
@@ -145,22 +152,87 @@ _CLIENT_MESSAGE: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 _SERVER_MESSAGE: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
 
 
-def _parse(text: str | bytes, adapter: TypeAdapter[Any], types: tuple[str, ...]) -> Any:
+class _NumberError(ValueError):
+    """A JSON number Python reads but JSON cannot carry back (NaN, ±Infinity, 1e999)."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NumberError(f"number {shorten(text, 40)} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NumberError(f"{name} is not JSON")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+"""A JSON escape ``\\uD800``-``\\uDFFF`` or such a code point: JSON text that may decode to a lone
+surrogate."""
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_EMPTY_PAIR = re.compile(r"\[\]|\{\}")
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_MESSAGE, message)
+
+
+def _load_json(text: str | bytes) -> Any:
+    """``json.loads`` that raises only :class:`ProtocolError` ``bad_message`` (no NaN/Infinity)."""
     try:
-        data = json.loads(text)
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+    except UnicodeDecodeError:
+        raise _bad("message is not valid UTF-8") from None
+    try:
+        data = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
+        raise _bad(
             f"message is not valid JSON ({exc.msg} at character {exc.pos}); expected a JSON "
-            "object with a 'type' field",
+            "object with a 'type' field"
         ) from None
+    except RecursionError:
+        raise _bad(f"message is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except _NumberError as exc:
+        raise _bad(f"message is not valid JSON: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise _bad("message has a number with too many digits") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
+        raise _bad(f"message is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    if _SURROGATE_ESCAPE.search(text):
+        try:  # a lone surrogate cannot be encoded, so the server could not send it back
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad("message has a string with a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+    return data
+
+
+def _too_deep(text: str) -> bool:
+    """Whether valid JSON ``text`` nests arrays/objects deeper than :data:`MAX_JSON_DEPTH`: its
+    brackets outside strings lose their innermost level on each pass (string scans only)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return False
+        brackets = _EMPTY_PAIR.sub("", brackets)
+    return bool(brackets)
+
+
+def _step_of(data: dict[str, Any]) -> int | None:
+    step = data.get("step")
+    return step if type(step) is int and 0 <= step <= MAX_STEP else None
+
+
+def _parse(text: str | bytes, adapter: TypeAdapter[Any], types: tuple[str, ...]) -> Any:
+    data = _load_json(text)
     if not isinstance(data, dict):
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE,
             f"expected a JSON object with a 'type' field, got a JSON {type(data).__name__}",
         )
     kind = data.get("type")
-    step = data.get("step") if isinstance(data.get("step"), int) else None
+    step = _step_of(data)
     if kind not in types:
         what = "missing 'type' field" if kind is None else f"unknown message type {shorten(kind)}"
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{what}; expected one of: {', '.join(types)}", step=step)

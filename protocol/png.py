@@ -1,8 +1,12 @@
 """The one PNG codec of the project: uint8 RGB arrays ↔ PNG bytes, with numpy and zlib only.
 
-Encodes 8-bit RGB (filter 0 on every row). Decodes what clients and tools send: 8-bit greyscale,
-grey+alpha, RGB or RGBA, non-interlaced, every filter type; alpha is dropped. Used by the server's
-frame codec, the tiny-world start-image option, ``dreamstream rollout`` and the Python client.
+Encodes 8-bit RGB (filter 0 on every row). Decodes 8-bit greyscale, grey+alpha, RGB or RGBA,
+non-interlaced, every filter type; alpha is dropped. The decoder is pure Python per pixel for
+filter types 1, 3 and 4, so it is meant for trusted or small images: the server's frame codec,
+``dreamstream rollout`` and the Python client without Pillow use this module; the server decodes
+images from clients with Pillow (``pipeline/tiny_world/images.py``). The decoder checks the
+declared size against ``max_pixels`` before it inflates anything and never inflates more than
+the declared size.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import zlib
 import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 1 << 24
+"""Default limit of :func:`decode_png` on width × height (16.7 M pixels, e.g. 4096 × 4096)."""
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 """PNG colour type → channels (grey, RGB, grey+alpha, RGBA)."""
 
@@ -82,8 +88,33 @@ def _unfilter(data: bytes, height: int, width: int, bpp: int) -> np.ndarray:
     return out
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes → uint8 ``[H, W, 3]``. Raises :class:`PngError` saying what is unsupported."""
+def png_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` declared by a PNG's IHDR chunk (the first one), read without decoding."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise PngError("not a PNG (missing PNG signature)")
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise PngError("PNG does not start with an IHDR chunk")
+    width, height = struct.unpack_from(">II", data, 16)
+    return int(width), int(height)
+
+
+def _inflate(compressed: bytes, size: int) -> bytes:
+    """zlib data → exactly ``size`` bytes; never inflates more than ``size + 1``."""
+    try:
+        raw = zlib.decompressobj().decompress(compressed, size + 1)
+    except zlib.error as exc:
+        raise PngError(f"PNG image data is not valid zlib: {exc}") from None
+    if len(raw) > size:
+        raise PngError(f"PNG image data inflates to more than the {size} bytes its size needs")
+    return raw
+
+
+def decode_png(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """PNG bytes → uint8 ``[H, W, 3]``. Raises :class:`PngError` saying what is unsupported, also
+    for a declared width × height above ``max_pixels`` (checked before anything is inflated)."""
+    width, height = png_size(data)
+    if width * height > max_pixels or width == 0 or height == 0:
+        raise PngError(f"PNG declares {width}x{height} pixels; at most {max_pixels} pixels are decoded")
     if not data.startswith(PNG_SIGNATURE):
         raise PngError("not a PNG (missing PNG signature)")
     pos, idat, header = len(PNG_SIGNATURE), [], None
@@ -107,11 +138,8 @@ def decode_png(data: bytes) -> np.ndarray:
             f"unsupported PNG (bit depth {depth}, colour type {colour}, interlace {interlace}); "
             "send an 8-bit, non-interlaced greyscale, RGB or RGBA PNG"
         )
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise PngError(f"PNG image data is not valid zlib: {exc}") from None
     channels = _CHANNELS[colour]
+    raw = _inflate(b"".join(idat), height * (width * channels + 1))
     img = _unfilter(raw, height, width, channels).reshape(height, width, channels)
     if channels <= 2:
         return np.ascontiguousarray(np.repeat(img[:, :, :1], 3, axis=2))

@@ -1,12 +1,15 @@
 """The FastAPI application: HTTP endpoints, the ``/v1/stream`` WebSocket, the browser demo.
 
 ``create_app(config)`` returns an app whose lifespan loads the pipeline, starts the device worker,
-warms up with one full step (generate + finalize + encode) and only then reports ``/readyz`` ready.
+warms up with one full step (generate + finalize + encode), starts the worker's watchdog
+(:meth:`ServerContext.watch_worker`) and only then reports ``/readyz`` ready. ``/healthz`` fails
+(503) once the device worker hung or died.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.resources
 import os
 import sys
@@ -17,20 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
 from pipeline.registry import load_pipeline
 from pipeline.served import ServedPipeline, as_served
-from protocol import PROTOCOL_VERSION, STREAM_PATH, CloseCode, Codec
+from protocol import PROTOCOL_VERSION, STREAM_PATH, Codec
+from server.access import is_loopback_name, origin_refusal, require_token, token_ok
 from server.codec import FrameCodec
 from server.config import ServerConfig
-from server.connection import Connection, authorized
+from server.connection import Connection
 from server.context import ServerContext
+from server.limits import effective_max_connections, normalize_ip
 from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.sessions import SessionManager
+from server.sessions import CLIENT_ADDRESS, SessionManager
 from server.timeline import Timeline
 from server.worker import (
     DeviceWorker,
@@ -108,7 +113,11 @@ async def build_context(config: ServerConfig) -> ServerContext:
     )
     worker.start()
     sessions = SessionManager(
-        worker, metrics, max_sessions=config.max_sessions, resume_window_s=config.resume_window_s
+        worker,
+        metrics,
+        max_sessions=config.max_sessions,
+        resume_window_s=config.resume_window_s,
+        max_sessions_per_client=config.max_sessions_per_client,
     )
     return ServerContext(
         config=config,
@@ -169,6 +178,18 @@ async def _warmup_batch(ctx: ServerContext, size: int) -> None:
         await asyncio.gather(*released)
 
 
+def stream_refusal(ws: WebSocket, cfg: ServerConfig) -> str | None:
+    """Why this ``/v1/stream`` handshake is refused (token, then ``Origin``), or ``None``."""
+    if not token_ok(ws, cfg.token):
+        return "missing or wrong token; give it as 'Authorization: Bearer <token>' or '?token=<token>'"
+    return origin_refusal(ws, cfg.allowed_origins or [], loopback_only=is_loopback_name(cfg.host))
+
+
+def client_of(ws: WebSocket) -> str | None:
+    """The peer IP of ``ws`` (the client address of docs/security.md), ``None`` if unknown."""
+    return normalize_ip(ws.client.host) if ws.client is not None else None
+
+
 def web_client_dir() -> Path | None:
     """The browser demo's folder (``clients/web``), or ``None`` if it is not installed."""
     try:
@@ -186,9 +207,15 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await build_context(cfg)
         app.state.ctx = ctx
+        watchdog: asyncio.Task[None] | None = None
         try:
             if cfg.warmup:
                 await warmup(ctx)
+            watchdog = asyncio.create_task(ctx.watch_worker(), name="worker-watchdog")
+            # The model, the codec and the app are loaded for good: keep them out of the cyclic
+            # collector, whose full passes over them paused every session for 100-170 ms.
+            gc.collect()
+            gc.freeze()
             ctx.ready = True
             logger.info(
                 "ready: {} on {} (max_sessions {}, max_inflight {}, max_batch {}, naive {})",
@@ -201,13 +228,23 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             )
             yield
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             ctx.ready = False
             await ctx.drain(0.0)
             ctx.sessions.end_all("server stopped")
-            await asyncio.to_thread(ctx.worker.stop)
+            await asyncio.to_thread(ctx.worker.stop)  # returns at once if the worker failed
             ctx.codec.close()
 
-    app = FastAPI(title="dreamstream", version=str(PROTOCOL_VERSION), lifespan=lifespan)
+    # No OpenAPI pages (/docs, /redoc, /openapi.json): the HTTP API is documented in docs/protocol.md.
+    app = FastAPI(
+        title="dreamstream",
+        version=str(PROTOCOL_VERSION),
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.config = cfg
 
     def context(request: Request | WebSocket) -> ServerContext:
@@ -215,13 +252,18 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         return ctx
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        """The process is alive."""
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        """200 while the server can serve; 503 once its device worker hung or died (restart it)."""
+        ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
+        failure = ctx.failure() if ctx is not None else None
+        if failure is not None:
+            return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        """200 once the model is loaded and warmed up (503 before, and while shutting down)."""
+        """200 once the model is loaded and warmed up (503 before, while shutting down, and once
+        the device worker failed)."""
         ctx = getattr(request.app.state, "ctx", None)
         ready = ctx is not None and ctx.ready and not ctx.draining and ctx.worker.alive
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
@@ -231,7 +273,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         """Prometheus text exposition."""
         return Response(context(request).metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/info")
+    token_required = [Depends(require_token(cfg.token))]
+
+    @app.get("/v1/info", dependencies=token_required)
     async def info(request: Request) -> dict[str, Any]:
         """Protocol version, served pipeline, limits, action and start-option JSON Schemas."""
         ctx = context(request)
@@ -263,6 +307,10 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 "max_message_bytes": cfg.max_message_bytes,
                 "idle_timeout_s": cfg.idle_timeout_s,
                 "resume_window_s": cfg.resume_window_s,
+                "max_sessions_per_client": cfg.max_sessions_per_client,
+                "max_connections": effective_max_connections(cfg),
+                "max_connections_per_client": cfg.max_connections_per_client,
+                "header_timeout_s": cfg.header_timeout_s,
             },
             "naive": cfg.naive,
             "sessions": {"active": len(ctx.sessions), "attached": ctx.sessions.attached},
@@ -272,7 +320,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     if cfg.debug_timeline:
 
-        @app.get("/debug/timeline")
+        @app.get("/debug/timeline", dependencies=token_required)
         async def timeline(request: Request) -> dict[str, Any]:
             """The worker's recent events (``time.monotonic()`` seconds) and live counters."""
             ctx = context(request)
@@ -288,11 +336,15 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @app.websocket(STREAM_PATH)
     async def stream(ws: WebSocket) -> None:
-        """Protocol v1 (docs/protocol.md). Without the token the handshake gets HTTP 403."""
-        if not authorized(ws, cfg.token):
-            await ws.close(code=CloseCode.POLICY)
+        """Protocol v1 (docs/protocol.md). Without the token, or from a web page of a foreign
+        origin, the handshake gets HTTP 403 (docs/security.md)."""
+        refusal = stream_refusal(ws, cfg)
+        if refusal is not None:
+            logger.info("refused a {} handshake from {}: {}", STREAM_PATH, client_of(ws), refusal)
+            await ws.send_denial_response(PlainTextResponse(f"403 Forbidden: {refusal}\n", status_code=403))
             return
         await ws.accept()
+        CLIENT_ADDRESS.set(client_of(ws))  # for this connection's tasks: per-address session cap
         await Connection(ws, context(ws)).run()
 
     web = web_client_dir()

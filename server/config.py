@@ -12,7 +12,7 @@ to those of the environment variable ``DREAMSTREAM_PIPELINE_OVERRIDES`` (a JSON 
 from __future__ import annotations
 
 import argparse
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, CliSuppress, NoDecode, SettingsConfigDict
@@ -65,7 +65,11 @@ class ServerConfig(BaseSettings):
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'."""
     max_sessions: int = Field(default=64, ge=1)
-    """Sessions held at once (attached or resumable)."""
+    """Sessions held at once (attached or resumable); a new session takes the slot of the
+    oldest resumable one when all are held."""
+    max_sessions_per_client: int = Field(default=32, ge=0)
+    """Sessions one client address (the peer IP; behind a proxy, the proxy's) may hold at once
+    (attached or resumable); 0: no cap."""
     idle_timeout_s: float = Field(default=60.0, gt=0)
     """A session (or a connection without one) with no step this long ends."""
     resume_window_s: float = Field(default=30.0, ge=0)
@@ -89,25 +93,60 @@ class ServerConfig(BaseSettings):
     codec_threads: int = Field(default=2, ge=1, le=64)
     """Threads that encode frames."""
     token: str | None = None
-    """If set, clients must give it (Authorization: Bearer, or ?token=)."""
+    """If set, clients must give it (Authorization: Bearer, or ?token=) for /v1/stream, /v1/info
+    and /debug/timeline; it is never logged."""
+    allowed_origins: Annotated[list[str] | None, NoDecode] = None
+    """Web origins (scheme://host[:port], comma separated; '*': any) whose pages may open
+    /v1/stream, besides pages of this server itself (same host and port) and clients that send
+    no Origin header; others get HTTP 403."""
     json_logs: bool = False
     """Log one JSON object per line."""
-    log_level: str = "INFO"
-    """Minimum log level (DEBUG, INFO, WARNING, ERROR)."""
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Minimum log level."""
     debug_timeline: bool = False
     """Serve the device worker's recent events at /debug/timeline."""
     timeline_size: int = Field(default=4096, ge=16)
     """Events kept by the worker timeline."""
     max_message_bytes: int = Field(default=65536, ge=256)
     """Largest client text message; bigger ones get too_large and close 1009."""
+    rate_limit_per_s: float = Field(default=200.0, gt=0)
+    """Client messages per second one connection may send, sustained (a token bucket; WebSocket
+    PINGs count; a message costs a token per 4 KiB or part): a 60 fps player sends 60 steps and
+    a few pings a second. A message over the limit has no effect; the first of a run gets
+    rate_limited, the rest no answer."""
+    rate_burst: int = Field(default=400, ge=1)
+    """Messages a connection may send at once above rate_limit_per_s (the bucket's size: 2 s of
+    the sustained rate, for a client catching up after a stall); more refused than this in a run
+    close the connection (fatal rate_limited, 1008)."""
+    rate_limit_close_s: float = Field(default=2.0, gt=0)
+    """A connection still refused this long after its first refused message (it never slowed down
+    enough to win back half its burst) gets a fatal rate_limited and close 1008."""
+    send_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection whose outgoing data (64 KiB buffered and more) has not moved for this long
+    is dropped: its client stopped reading. Meanwhile nothing more is read from it."""
     ws_max_size_bytes: int = Field(default=1 << 20, ge=1024)
     """WebSocket frame limit (uvicorn closes the connection with 1009 above it)."""
     ping_interval_s: float = Field(default=20.0, gt=0)
     """WebSocket keepalive ping interval."""
     ping_timeout_s: float = Field(default=20.0, gt=0)
     """Close a connection whose keepalive pong is this late."""
+    max_connections: int | None = Field(default=None, ge=1)
+    """Open connections (HTTP and WebSocket) at once; above it new ones get 503, except
+    /healthz, /readyz and /metrics (16 more connections are kept for them). None: the open-file
+    limit (ulimit -n) minus 144, at most 4096."""
+    max_connections_per_client: int = Field(default=64, ge=0)
+    """Open connections from one client address (the peer IP; behind a proxy, the proxy's): more
+    get 503 (a few more are closed at once); 0: no cap."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection must send a complete request head (at most 64 KiB) this long after it opened
+    or began a request; otherwise it gets 408 and is closed."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM, wait this long for in-flight steps before closing."""
+    step_timeout_s: float = Field(default=30.0, gt=0)
+    """A model call (generate, finalize, a session's cache creation) running longer than this means
+    the device is stuck: every step is answered with an error, /healthz and /readyz fail and the
+    server exits with status 3 for its supervisor to restart it. 30 s is 100x a slow real step,
+    yet answers a stuck player within a human wait; calls in the warm-up are not timed."""
     warmup: bool = True
     """Run one full step (and each of --batch-sizes) before /readyz says ready."""
     torch_threads: int | None = Field(default=None, ge=1)
@@ -136,6 +175,27 @@ class ServerConfig(BaseSettings):
         if value is not None and any(v < 1 for v in value):
             raise ValueError(f"batch sizes must be >= 1, got {value}")
         return sorted(set(value)) if value else None
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v for v in value.replace(",", " ").split() if v] or None
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str] | None) -> list[str] | None:
+        from server.access import normalize_origin  # FastAPI only when origins are given
+
+        if not value:
+            return None
+        return sorted({v if v == "*" else normalize_origin(v) for v in value})
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("token", mode="before")
     @classmethod

@@ -9,6 +9,13 @@ Three tasks per connection:
   codec pool and sends the binary frames followed by ``step_done``.
 * **watchdog** — ends idle sessions / connections.
 
+Nothing a client sends costs the event loop more than a small, bounded time: messages are
+size-checked and rate-limited (:class:`MessageRateLimiter`) before they are parsed, the receive
+loop yields to the other connections every :data:`RECEIVE_SLICE_S`, start options (which may carry an
+image) are validated in a small thread pool, and :class:`FlowGuard` reads a client one chunk per
+event-loop round and not at all while it does not read what it is sent (which bounds what it can
+make the server buffer).
+
 Non-fatal errors leave the session exactly as it was. Fatal ones end the session and close the
 connection; a connection that is lost (no close from us) leaves its session resumable.
 """
@@ -18,11 +25,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 from starlette.websockets import WebSocket, WebSocketState
 
 from protocol import (
@@ -46,6 +56,9 @@ from protocol import (
     describe_validation_error,
     parse_client_message,
 )
+from protocol.errors import shorten
+from server.flow import FlowGuard
+from server.ratelimit import MessageRateLimiter, RateVerdict
 from server.sessions import Session
 from server.worker import StepRequest, StepResult, WorkerStoppedError, resolve_in_loop
 
@@ -54,6 +67,15 @@ if TYPE_CHECKING:
 
 DEFAULT_SEED_BITS = 31
 """A start without ``seed`` gets a random one below ``2**31``."""
+OPTIONS_THREADS = 2
+"""Threads that validate start options (which may decode an image) for all connections; each
+connection has at most one validation pending (its receive loop waits for it)."""
+_options_pool = ThreadPoolExecutor(OPTIONS_THREADS, thread_name_prefix="ds-options")
+RECEIVE_SLICE_S = 0.002
+"""A connection's receive loop hands the event loop to the others after this much work in a row
+(messages already received are handled back to back: a few, at a few microseconds each)."""
+STEP_HINT_CHARS = 4096
+"""A refused message this short is parsed to tell which step it was (longer ones are not)."""
 
 
 @dataclass
@@ -83,10 +105,19 @@ class Connection:
         self._idle_inflight = asyncio.Event()
         self._idle_inflight.set()
         self._closing = False
+        self._abusive = False
+        """A fatal rate_limited is under way."""
         self._draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._send_task: asyncio.Task[None] | None = None
         self.log = logger.bind(session="-")
+        cfg = self.config
+        self._limiter = MessageRateLimiter(cfg.rate_limit_per_s, cfg.rate_burst, cfg.rate_limit_close_s)
+        self._guard = FlowGuard.attach(ws, self._limiter, cfg.send_timeout_s, self.log)
+        if self._guard is None:
+            self.log.warning("no flow guard: the server's WebSocket protocol is not uvicorn's sansio one")
+        else:
+            self._guard.on_ping = self._on_ping_over_limit
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -142,6 +173,9 @@ class Connection:
         """Server shutdown: refuse new steps, wait for in-flight ones (≤ ``grace_s``), then close
         with ``error shutting_down`` and 1001."""
         self._draining = True
+        if self._closing:  # already ended (fatal error or end): its steps will not be answered
+            await self._done.wait()
+            return
         try:
             await asyncio.wait_for(self._idle_inflight.wait(), timeout=grace_s)
         except asyncio.TimeoutError:
@@ -171,6 +205,8 @@ class Connection:
             task.cancel()
 
     async def _close(self, code: int, reason: str = "") -> None:
+        if self._guard is not None:
+            self._guard.close_within(self.config.send_timeout_s)
         try:
             if self.ws.application_state is not WebSocketState.DISCONNECTED:
                 await self.ws.close(code=code, reason=reason[:120])
@@ -203,44 +239,96 @@ class Connection:
 
     # ---- receive loop ------------------------------------------------------------------------
     async def _receive_loop(self) -> None:
-        limit = self.config.max_message_bytes
+        slice_start = time.perf_counter()
         while not self._closing:
             message = await self.ws.receive()
+            if self._guard is not None:
+                self._guard.hold_reading()
             if message["type"] == "websocket.disconnect":
                 self.log.info("client disconnected (code {})", message.get("code"))
                 self._done.set()
                 return
             self.last_activity = time.monotonic()
-            text = message.get("text")
-            if text is None:
-                size = len(message.get("bytes") or b"")
-                if size > limit:
-                    await self._fatal(self._too_large(size, limit))
-                    return
-                await self._send_error(
-                    ProtocolError(
-                        ErrorCode.BAD_MESSAGE,
-                        f"binary messages ({size} bytes) are server → client only; send JSON text messages",
-                    )
-                )
-                continue
-            size = len(text.encode("utf-8")) if len(text) * 4 > limit else len(text)
+            if not await self._on_message(message):
+                return
+            if self._guard is not None:
+                self._guard.hold_reading()
+            if time.perf_counter() - slice_start > RECEIVE_SLICE_S:  # let the others run
+                await asyncio.sleep(0)
+                slice_start = time.perf_counter()
+
+    async def _on_message(self, message: Mapping[str, Any]) -> bool:
+        """Answer one client message; False once the connection is over."""
+        text = message.get("text")
+        size = len(text) if text is not None else len(message.get("bytes") or b"")
+        verdict = self._limiter.take(time.monotonic(), size)
+        if verdict is not RateVerdict.OK:
+            return await self._refuse(verdict, text)
+        limit = self.config.max_message_bytes
+        if text is None:
             if size > limit:
                 await self._fatal(self._too_large(size, limit))
-                return
-            try:
-                await self._handle(parse_client_message(text))
-            except ProtocolError as err:
-                if err.fatal:
-                    await self._fatal(err)
-                    return
-                await self._send_error(err)
-            except Exception as exc:  # a bug or a misbehaving pipeline I/O adapter
-                self.log.opt(exception=exc).error("handling a client message failed")
-                await self._fatal(
-                    ProtocolError(ErrorCode.INTERNAL, f"the server failed on this message: {exc!r}")
+                return False
+            await self._send_error(
+                ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"binary messages ({size} bytes) are server → client only; send JSON text messages",
                 )
-                return
+            )
+            return True
+        size = len(text.encode("utf-8")) if len(text) * 4 > limit else len(text)
+        if size > limit:
+            await self._fatal(self._too_large(size, limit))
+            return False
+        try:
+            await self._handle(parse_client_message(text))
+        except ProtocolError as err:
+            if err.fatal:
+                await self._fatal(err)
+                return False
+            await self._send_error(err)
+        except Exception as exc:  # a bug or a misbehaving pipeline I/O adapter
+            self.log.opt(exception=exc).error("handling a client message failed")
+            failed = ProtocolError(ErrorCode.INTERNAL, f"the server failed on this message: {exc!r}")
+            await self._fatal(failed)
+            return False
+        return True
+
+    async def _refuse(self, verdict: RateVerdict, text: str | None) -> bool:
+        """A message over the rate limit (see :class:`RateVerdict`); False once closed."""
+        if verdict is RateVerdict.DROPPED:
+            return True
+        cfg = self.config
+        rate = f"{cfg.rate_limit_per_s:g} messages/s (burst {cfg.rate_burst})"
+        if verdict is RateVerdict.ABUSE:
+            if self._guard is not None:
+                self._guard.stop_reading()
+            reason = (
+                f"messages kept coming over {rate}: more than {cfg.rate_burst} refused, or refused "
+                f"for over {cfg.rate_limit_close_s:g} s; closing"
+            )
+            await self._fatal(ProtocolError(ErrorCode.RATE_LIMITED, reason, fatal=True))
+            if self._guard is not None:
+                self._guard.shut()
+            return False
+        reason = (
+            f"message dropped: more than {rate}; messages over the limit are dropped without an "
+            f"answer until the connection slows down; it is closed after {cfg.rate_burst} more, or "
+            f"if that takes over {cfg.rate_limit_close_s:g} s"
+        )
+        await self._send_error(ProtocolError(ErrorCode.RATE_LIMITED, reason, step=_step_hint(text)))
+        return True
+
+    def _on_ping_over_limit(self, verdict: RateVerdict) -> None:
+        """A WebSocket PING frame over the rate limit (called by the flow guard, for every one)."""
+        if verdict is RateVerdict.DROPPED or self._abusive or self._closing or self._done.is_set():
+            return
+        self._abusive = verdict is RateVerdict.ABUSE
+
+        async def refuse() -> None:
+            await self._refuse(verdict, None)
+
+        self._tasks.append(asyncio.get_running_loop().create_task(refuse(), name="ws-refuse-ping"))
 
     @staticmethod
     def _too_large(size: int, limit: int) -> ProtocolError:
@@ -252,13 +340,20 @@ class Connection:
         if isinstance(msg, StepMessage):
             self._on_step(msg)
         elif isinstance(msg, PingMessage):
-            await self._send_text(PongMessage(t=msg.t))
+            await self._send_pong(msg)
         elif isinstance(msg, StartMessage):
             await self._on_start(msg)
         elif isinstance(msg, ResumeMessage):
             await self._on_resume(msg)
         elif isinstance(msg, EndMessage):
             await self._on_end()
+
+    async def _send_pong(self, msg: PingMessage) -> None:
+        try:
+            text = PongMessage(t=msg.t).model_dump_json()
+        except (PydanticSerializationError, ValueError):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "ping 't' cannot be sent back as JSON") from None
+        await self._send(text)
 
     def _check_admitting(self) -> None:
         if self.ctx.draining or self._draining:
@@ -276,18 +371,12 @@ class Connection:
         if msg.pipeline is not None and not ctx.accepts_pipeline_name(msg.pipeline):
             raise ProtocolError(
                 ErrorCode.UNKNOWN_PIPELINE,
-                f"this server serves pipeline {ctx.pipeline_name!r}, not {msg.pipeline!r}; omit "
+                f"this server serves pipeline {ctx.pipeline_name!r}, not {shorten(msg.pipeline)}; omit "
                 "'pipeline' or give that name",
             )
         io = ctx.pipeline.io
-        try:
-            options = io.validate_options(msg.options)
-        except (ValidationError, ValueError, TypeError) as exc:
-            raise ProtocolError(
-                ErrorCode.BAD_OPTIONS,
-                f"bad start options: {describe_validation_error(exc)}; see ready.options_schema "
-                "or GET /v1/info",
-            ) from None
+        options = await self._validate_options(msg.options)
+        self._check_admitting()  # again: the server may have begun draining meanwhile
         spec = io.stream_spec(ctx.pipeline, options)
         seed = msg.seed if msg.seed is not None else secrets.randbelow(2**DEFAULT_SEED_BITS)
         codec = Codec.from_name(msg.codec or self.config.codec)
@@ -319,6 +408,18 @@ class Connection:
             return
         self._attach(session)
         await self._send_ready(session)
+
+    async def _validate_options(self, raw: Any) -> BaseModel:
+        """Start options validated in the options pool (validation may decode an image)."""
+        validate = self.ctx.pipeline.io.validate_options
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_options_pool, validate, raw)
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise ProtocolError(
+                ErrorCode.BAD_OPTIONS,
+                f"bad start options: {describe_validation_error(exc)}; see ready.options_schema "
+                "or GET /v1/info",
+            ) from None
 
     async def _on_resume(self, msg: ResumeMessage) -> None:
         self._check_admitting()
@@ -525,14 +626,12 @@ class Connection:
                 return
 
 
-def authorized(ws: WebSocket, token: str | None) -> bool:
-    """True if the server has no token or the client gave it (Bearer header or ``?token=``)."""
-    if token is None:
-        return True
-    given: Any = None
-    header = ws.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        given = header[7:].strip()
-    if given is None:
-        given = ws.query_params.get("token")
-    return given is not None and secrets.compare_digest(str(given).encode(), token.encode())
+def _step_hint(text: str | None) -> int | None:
+    """The step a refused message asked for, if it is a (short) step message."""
+    if text is None or len(text) > STEP_HINT_CHARS:
+        return None
+    try:
+        msg = parse_client_message(text)
+    except ProtocolError:
+        return None
+    return msg.step if isinstance(msg, StepMessage) else None

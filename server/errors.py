@@ -1,4 +1,5 @@
-"""Typed errors of the server: the protocol errors it raises for sessions, and a failed model call."""
+"""Typed errors of the server: the protocol errors it raises for sessions, a failed model call, and
+the causes a step gets when the device worker hangs or dies."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ class StepFailedError(Exception):
         self.step = step
         self.stage = stage
         self.cause = cause
+
+
+class ModelCallTimeoutError(Exception):
+    """A model call ran longer than the step timeout: the device worker is taken as hung (the
+    cause of the steps that were in that call)."""
+
+
+class WorkerDiedError(Exception):
+    """The device worker thread died while this step was running (the cause of its steps)."""

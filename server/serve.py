@@ -3,12 +3,23 @@
 On SIGTERM (or the first Ctrl-C) the server stops admitting, lets in-flight steps finish (up to
 ``--shutdown-grace-s``), sends ``error shutting_down`` and closes every WebSocket with 1001, then
 exits 0. A second signal exits at once.
+
+When the device worker fails — a model call runs longer than ``--step-timeout-s`` (a hung device)
+or the worker thread dies — every step it held has been answered with an error (the steps in the
+failed call with ``internal``), ``/healthz`` and ``/readyz`` answer 503, the server drains the same
+way and exits with status 3 (:data:`EXIT_WORKER_FAILED`) so that its supervisor restarts it; the
+exit does not wait for the worker thread, which may be stuck in the device.
+
+Exit statuses: 0 drained after a signal, 1 failed to start (e.g. the warm-up failed), 2 a usage
+error (before the model loads), 3 the device worker hung or died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
+import os
 import signal
 import socket
 import sys
@@ -20,7 +31,17 @@ import uvicorn
 from loguru import logger
 
 from server.config import PROG, ConfigValueError, ServerConfig, load_config
-from server.logging import setup_logging
+from server.limits import (
+    FD_HEADROOM,
+    PROBE_RESERVE,
+    effective_max_connections,
+    open_file_limit,
+    uvicorn_protocols,
+)
+from server.logging import add_secret, setup_logging
+
+EXIT_WORKER_FAILED = 3
+"""Exit status after the device worker hung (a model call ran past ``--step-timeout-s``) or died."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -31,6 +52,8 @@ class DrainingServer(uvicorn.Server):
         self.grace_s = grace_s
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.fault: str | None = None
+        """Why the device worker failed (the process then exits with ``EXIT_WORKER_FAILED``)."""
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -48,14 +71,30 @@ class DrainingServer(uvicorn.Server):
         logger.info("received {}; draining", signal.Signals(sig).name)
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
 
+    def _context(self) -> Any:
+        """The app's ``ServerContext`` (``None`` before the lifespan made it)."""
+        app = self.config.loaded_app
+        ctx = getattr(getattr(app, "state", None), "ctx", None)
+        while ctx is None and hasattr(app, "app"):  # wrapped app: find the FastAPI instance
+            app = app.app
+            ctx = getattr(getattr(app, "state", None), "ctx", None)
+        return ctx
+
+    async def on_tick(self, counter: int) -> bool:
+        # Every 0.1 s: once the app's watchdog has found the device worker failed, drain and exit.
+        if self.fault is None and self.started:
+            fault = getattr(self._context(), "fault", None)
+            if fault is not None:
+                self.fault = fault
+                logger.critical("device worker failed ({}); exit status {}", fault, EXIT_WORKER_FAILED)
+                if not self._drain_started:
+                    self._drain_started = True
+                    asyncio.get_running_loop().create_task(self._drain())
+        return await super().on_tick(counter)
+
     async def _drain(self) -> None:
         try:
-            ctx = getattr(getattr(self.config.loaded_app, "state", None), "ctx", None)
-            if ctx is None:  # wrapped app: find the FastAPI instance
-                app = self.config.loaded_app
-                while ctx is None and hasattr(app, "app"):
-                    app = app.app
-                    ctx = getattr(getattr(app, "state", None), "ctx", None)
+            ctx = self._context()
             if ctx is not None:
                 await ctx.drain(self.grace_s)
         except Exception as exc:
@@ -93,6 +132,43 @@ def preflight(config: ServerConfig) -> socket.socket:
     return bind_socket(config.host, config.port)
 
 
+def startup_warnings(config: ServerConfig, sock: socket.socket) -> None:
+    """Register the token for log redaction; log the admission limits; warn (WARNING) about an
+    exposed server without a token, any-origin access and a connection cap beyond the fd limit."""
+    add_secret(config.token)
+    host = str(sock.getsockname()[0])
+    if config.token is None and not ipaddress.ip_address(host).is_loopback:
+        logger.warning(
+            "listening on {} (not a loopback address) WITHOUT A TOKEN: anyone who can reach this "
+            "port can run sessions; set --token / DREAMSTREAM_TOKEN, or listen on 127.0.0.1 "
+            "(see docs/security.md)",
+            host,
+        )
+    if config.token is None and "*" in (config.allowed_origins or []):
+        logger.warning("--allowed-origins '*' without a token: any web page can open sessions here")
+    max_connections = effective_max_connections(config)
+    limit = open_file_limit()
+    if limit is not None and max_connections + PROBE_RESERVE + FD_HEADROOM > limit:
+        logger.warning(
+            "--max-connections {} (+{} for probes) leaves less than {} of the open-file limit {} to "
+            "the process: raise the limit (ulimit -n, docker --ulimit nofile=) or lower the cap",
+            max_connections,
+            PROBE_RESERVE,
+            FD_HEADROOM,
+            limit,
+        )
+    logger.info(
+        "admission: max_connections {} ({} per client), max_sessions {} ({} per client), request "
+        "head within {:g} s; origins: same-origin{}",
+        max_connections,
+        config.max_connections_per_client or "no cap",
+        config.max_sessions,
+        config.max_sessions_per_client or "no cap",
+        config.header_timeout_s,
+        "".join(f", {o}" for o in config.allowed_origins or []),
+    )
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port``; :class:`ConfigValueError` if that is not possible."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -121,11 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.json_logs)
+    startup_warnings(config, sock)
     from server.app import create_app  # torch is imported here, after the checks above
 
     uv_config = uvicorn.Config(
         create_app(config),
-        ws="websockets-sansio",
+        **uvicorn_protocols(config),  # connection caps and the request-head deadline
         ws_per_message_deflate=False,
         ws_max_size=config.ws_max_size_bytes,
         ws_ping_interval=config.ping_interval_s,
@@ -141,4 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     if not server.started:
         logger.error("server did not start (see the errors above)")
         return 1
+    if server.fault is not None:
+        exit_now(EXIT_WORKER_FAILED)
     return 0
+
+
+def exit_now(status: int) -> None:
+    """End the process with ``status`` without interpreter shutdown, which could wait forever on
+    a device worker stuck in a model call (e.g. CUDA teardown synchronizes the device)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

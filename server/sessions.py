@@ -6,6 +6,15 @@ idle timeout, resume window expiry, shutdown.
 
 States: ``attached`` (a connection drives it) → ``detached`` (connection lost; kept
 ``resume_window_s`` for ``resume``) → ``ended`` (removed, cache freed).
+
+Admission never waits on detached sessions: when a new session needs a slot (``max_sessions``
+in all, or ``max_sessions_per_client`` for its client address), the oldest detached session (of
+that address, for the per-address cap) is ended to make room; its ``resume`` then gets
+``unknown_session``. So clients that start sessions and drop their connections cannot lock
+others out for the resume window. Only attached sessions make a ``start`` fail with ``overloaded``.
+
+The client address of a session is the peer IP of the connection that started (or last resumed)
+it: the ``/v1/stream`` route sets :data:`CLIENT_ADDRESS` for its connection's tasks.
 """
 
 from __future__ import annotations
@@ -13,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -21,7 +32,7 @@ from loguru import logger
 from pydantic import BaseModel
 
 from pipeline.io import StreamSpec
-from protocol import Codec
+from protocol import Codec, ErrorCode, ProtocolError
 from server.errors import OverloadedError, UnknownSessionError
 from server.metrics import ServerMetrics
 from server.worker import DeviceWorker, resolve_in_loop
@@ -30,6 +41,9 @@ SESSION_ID_BYTES = 16
 """Entropy of a session id (128 bits, URL-safe base64)."""
 RESUME_TOKEN_BYTES = 32
 """Entropy of a resume token (256 bits)."""
+
+CLIENT_ADDRESS: ContextVar[str | None] = ContextVar("dreamstream_client_address", default=None)
+"""Peer IP of the connection whose tasks run in this context (``None``: unknown, not capped)."""
 
 
 class SessionState(str, Enum):
@@ -67,6 +81,10 @@ class Session:
     bytes_sent: int = 0
     owner: SessionOwner | None = None
     expiry: asyncio.TimerHandle | None = None
+    client: str | None = None
+    """Address of the connection that started or last resumed it (per-address cap)."""
+    detached_at: float = 0.0
+    """``time.monotonic()`` when it was last detached (the oldest is evicted first)."""
 
     @property
     def log(self) -> Any:
@@ -77,7 +95,8 @@ class Session:
 
 
 class SessionManager:
-    """Admission (``max_sessions``), lookup for resume, detach with a resume window, and freeing."""
+    """Admission (``max_sessions``, ``max_sessions_per_client``; 0: no per-address cap; detached
+    sessions are evicted for new ones), lookup for resume, detach with a resume window, freeing."""
 
     def __init__(
         self,
@@ -86,13 +105,18 @@ class SessionManager:
         *,
         max_sessions: int,
         resume_window_s: float,
+        max_sessions_per_client: int = 0,
     ) -> None:
         self.worker = worker
         self.metrics = metrics
         self.max_sessions = max_sessions
+        self.max_sessions_per_client = max_sessions_per_client
         self.resume_window_s = resume_window_s
         self._sessions: dict[str, Session] = {}
         self._reserved = 0
+        self._reserved_by: Counter[str] = Counter()
+        self.evicted = 0
+        """Detached sessions ended to make room for new ones."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -114,14 +138,19 @@ class SessionManager:
         options: BaseModel,
         spec: StreamSpec,
         owner: SessionOwner,
+        client: str | None = None,
     ) -> Session:
-        """Admit a new session and create its cache on the worker.
+        """Admit a new session for ``client`` (default: :data:`CLIENT_ADDRESS`) and create its
+        cache on the worker, evicting the oldest detached session if that is what makes room.
 
-        Raises :class:`OverloadedError` when ``max_sessions`` are held (attached or resumable).
+        Raises :class:`OverloadedError` when ``max_sessions`` attached sessions are held, and an
+        ``overloaded`` :class:`ProtocolError` when ``client`` holds ``max_sessions_per_client``.
         """
-        if len(self._sessions) + self._reserved >= self.max_sessions:
-            raise OverloadedError(self.max_sessions)
+        client = client if client is not None else CLIENT_ADDRESS.get()
+        self._make_room(client)
         self._reserved += 1
+        if client is not None:
+            self._reserved_by[client] += 1
         try:
             session = Session(
                 id=secrets.token_urlsafe(SESSION_ID_BYTES),
@@ -133,6 +162,7 @@ class SessionManager:
                 options=options,
                 spec=spec,
                 owner=owner,
+                client=client,
             )
             loop = asyncio.get_running_loop()
             opened: asyncio.Future[None] = loop.create_future()
@@ -145,11 +175,47 @@ class SessionManager:
                 raise
         finally:
             self._reserved -= 1
+            if client is not None:
+                self._reserved_by[client] -= 1
+                if self._reserved_by[client] <= 0:
+                    del self._reserved_by[client]
         self._sessions[session.id] = session
         self.metrics.sessions_started.inc()
         self._update_gauges()
         session.log.info("session started (seed {}, codec {})", seed, codec.wire_name)
         return session
+
+    def _make_room(self, client: str | None) -> None:
+        """Make sure a new session of ``client`` fits, evicting detached sessions if needed."""
+        cap = self.max_sessions_per_client
+        if client is not None and cap and self._held_by(client) >= cap and not self._evict(client):
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"your address {client} holds its maximum of {cap} sessions (max_sessions_per_client); "
+                "end one or retry later",
+            )
+        if len(self._sessions) + self._reserved >= self.max_sessions and not self._evict(None):
+            raise OverloadedError(self.max_sessions)
+
+    def _held_by(self, client: str) -> int:
+        held = sum(s.client == client for s in self._sessions.values())
+        return held + self._reserved_by[client]
+
+    def _evict(self, client: str | None) -> bool:
+        """End the oldest detached session (of ``client``, unless ``None``); False if there is none."""
+        detached = [
+            s
+            for s in self._sessions.values()
+            if s.state is SessionState.DETACHED and (client is None or s.client == client)
+        ]
+        if not detached:
+            return False
+        self.evicted += 1
+        self.end(
+            min(detached, key=lambda s: s.detached_at),
+            "evicted while detached: a new session needed its slot",
+        )
+        return True
 
     def resume(self, session_id: str, resume_token: str, owner: SessionOwner) -> Session:
         """Attach ``owner`` to a kept session. A live previous owner is told to let go.
@@ -167,6 +233,7 @@ class SessionManager:
             session.expiry = None
         previous = session.owner
         session.owner = owner
+        session.client = CLIENT_ADDRESS.get() or session.client
         session.state = SessionState.ATTACHED
         session.touch()
         if previous is not None and previous is not owner:
@@ -184,6 +251,7 @@ class SessionManager:
             self.end(session, "connection closed (resume disabled)")
             return
         session.state = SessionState.DETACHED
+        session.detached_at = time.monotonic()
         loop = asyncio.get_running_loop()
         session.expiry = loop.call_later(self.resume_window_s, self.end, session, "resume window expired")
         self._update_gauges()

@@ -24,6 +24,22 @@ server does (on CUDA it waits for the device to finish finalize first, so it rea
 On CUDA, frames go device → pinned host memory with a non-blocking copy behind a CUDA event; the
 codec thread waits on that event (:meth:`HostFrames.numpy`); nothing in the step path synchronizes
 the device.
+
+Failures. A failed ``generate_batch`` / ``finalize_batch`` is undone per rollout
+(``undo_generate`` / ``undo_finalize``) and each rollout runs again alone, so only the faulty
+session fails, with its own exception. A session whose finalize failed is *broken*: its later
+steps fail. The worker itself can fail: a model call that runs longer than the step timeout
+(found by :meth:`DeviceWorker.check`, which a watchdog on another thread calls, never by the
+worker, which may be stuck), or an exception escaping the worker loop (a ``BaseException`` from
+the pipeline). Then every step the worker holds is answered at once: those in the failed call
+with the failure as their cause, queued ones with :class:`WorkerFailedError`; new work is refused
+and :attr:`DeviceWorker.failure` says why (the server then fails its health checks and exits).
+
+Concurrency: model calls run only on the worker thread, outside the lock. ``_cond`` (a
+re-entrant lock) guards the slots, the ready FIFO, the control queue and each request's
+``answered`` flag; public methods may be called from any thread. Every request is answered
+exactly once (:meth:`DeviceWorker._answer`): a hung call that returns after the watchdog answered
+its steps delivers nothing.
 """
 
 from __future__ import annotations
@@ -45,13 +61,17 @@ from pydantic import BaseModel
 
 from pipeline.device import synchronize
 from pipeline.served import ServedPipeline
-from server.errors import StepFailedError
+from server.errors import ModelCallTimeoutError, StepFailedError, WorkerDiedError
 from server.metrics import ServerMetrics
 from server.timeline import Timeline
 
 
 class WorkerStoppedError(RuntimeError):
     """Work was submitted to (or was still queued in) a worker that is shutting down."""
+
+
+class WorkerFailedError(WorkerStoppedError):
+    """Queued work of a worker that hung or died (the server drains and exits)."""
 
 
 class FrameFormatError(TypeError):
@@ -113,7 +133,8 @@ class StepResult:
 
 @dataclass
 class StepRequest:
-    """One step a session asked for; ``deliver`` is called (on the worker thread) with its result."""
+    """One step a session asked for; ``deliver`` is called once with its result, on the worker
+    thread (or the watchdog's, when the worker failed)."""
 
     session_id: str
     step: int
@@ -121,6 +142,16 @@ class StepRequest:
     t_received: float
     """``time.monotonic()`` when the step message arrived."""
     deliver: Callable[[StepResult], None]
+    answered: bool = False
+    """``deliver`` has been called (set under the worker's lock)."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The model call running on the worker thread (timed by :meth:`DeviceWorker.check`)."""
+
+    stage: str
+    t_start: float
 
 
 @dataclass
@@ -264,7 +295,14 @@ class DeviceWorker:
         self._control: deque[_Control] = deque()
         self._queued_steps = 0
         self._stopping = False
+        self._stop_requested = False
         self._live_caches = 0
+        self.failure: str | None = None
+        """Why the worker can no longer serve (a model call hung, or the thread died); ``None``."""
+        self._call: _Call | None = None
+        self._round_requests: list[StepRequest] = []
+        """The steps of the latest round (answered by :meth:`_fail_worker` if it never ends)."""
+        self._control_running: _Control | None = None
         self._thread = threading.Thread(target=self._run, name="device-worker", daemon=True)
 
     # ---- public API (any thread) --------------------------------------------------------------
@@ -294,12 +332,37 @@ class DeviceWorker:
             yield
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Finish the current round, fail queued work with :class:`WorkerStoppedError`, free caches."""
+        """Finish the current round, fail queued work with :class:`WorkerStoppedError`, free caches.
+
+        A failed worker is not waited for (its thread may be stuck in a model call)."""
         with self._cond:
             self._stopping = True
+            self._stop_requested = True
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self.failure is None:
             self._thread.join(timeout_s)
+
+    def check(self, step_timeout_s: float) -> str | None:
+        """The watchdog's probe (call it periodically from another thread or the event loop).
+
+        Fails the worker (:meth:`_fail_worker`) when a model call has run longer than
+        ``step_timeout_s`` or the thread has exited without ``stop``. Returns :attr:`failure`.
+        """
+        if self.failure is None:
+            call = self._call
+            if call is not None and time.monotonic() - call.t_start > step_timeout_s:
+                self._fail_worker(
+                    f"{call.stage} ran longer than the step timeout ({step_timeout_s:g} s)",
+                    ModelCallTimeoutError(
+                        f"{call.stage} ran longer than the step timeout ({step_timeout_s:g} s); the "
+                        "device worker is stuck and the server restarts"
+                    ),
+                    call.stage,
+                )
+            elif self._thread.ident is not None and not self._thread.is_alive() and not self._stop_requested:
+                died = WorkerDiedError("the device worker stopped; the server restarts")
+                self._fail_worker("the device worker thread exited", died, "device worker")
+        return self.failure
 
     def open_session(
         self, session_id: str, options: BaseModel, seed: int, done: Callable[[Any], None]
@@ -363,13 +426,57 @@ class DeviceWorker:
         """Fail a slot's queued requests (caller holds the lock)."""
         self._queued_steps -= len(slot.requests)
         for req in slot.requests:
-            req.deliver(
+            self._answer(
+                req,
                 StepResult(
                     req.session_id, req.step, None,
                     error=StepFailedError(req.session_id, req.step, "queue", error),
-                )
+                ),
             )  # fmt: skip
         slot.requests.clear()
+
+    def _answer(self, req: StepRequest, result: StepResult) -> None:
+        """Deliver ``result`` unless ``req`` was answered already (e.g. by the watchdog)."""
+        with self._cond:
+            if req.answered:
+                return
+            req.answered = True
+        req.deliver(result)
+
+    @contextlib.contextmanager
+    def _calling(self, stage: str) -> Iterator[None]:
+        """Mark a model call as running, for :meth:`check` to time."""
+        self._call = _Call(stage, time.monotonic())
+        try:
+            yield
+        finally:
+            self._call = None
+
+    def _fail_worker(self, reason: str, cause: Exception, stage: str) -> None:
+        """The worker hung or died (any thread): refuse new work; answer the steps of the failed
+        round with ``cause`` and everything queued with :class:`WorkerFailedError`."""
+        queued = WorkerFailedError(f"the device worker failed ({reason}); the server restarts")
+        with self._cond:
+            if self.failure is not None:
+                return
+            self.failure = reason
+            self._stopping = True
+            self._cond.notify_all()
+            running = [r for r in self._round_requests if not r.answered]
+            hung_control = self._control_running
+            controls = [c for c in (hung_control, *self._control) if c is not None]
+            self._control.clear()
+            for slot in self._slots.values():
+                self._drop_requests(slot, queued)
+        logger.critical("device worker failed: {}; answering {} running step(s)", reason, len(running))
+        self.metrics.queue_depth.set(self._queued_steps)
+        for req in running:
+            error = StepFailedError(req.session_id, req.step, stage, cause)
+            self._answer(req, StepResult(req.session_id, req.step, None, error=error))
+        for control in controls:
+            if control.done is not None:
+                failed = cause if control is hung_control else queued
+                control.done(failed if control.kind == "open" else None)
 
     def _threads_for(self, batch: int) -> int | None:
         if self.batch_torch_threads is not None and batch >= self.batch_threads_from:
@@ -387,10 +494,10 @@ class DeviceWorker:
             with torch.no_grad():
                 while self._round():
                     pass
-        except BaseException as exc:  # a bug here must not hang every client silently
-            logger.exception("device worker crashed: {!r}", exc)
-            with self._cond:
-                self._stopping = True
+        except BaseException as exc:  # a bug or a BaseException from the pipeline: answer everyone
+            logger.opt(exception=exc).critical("device worker crashed: {!r}", exc)
+            died = WorkerDiedError("the device worker died during this model call; the server restarts")
+            self._fail_worker(f"the device worker crashed ({type(exc).__name__})", died, "device worker")
         finally:
             self._shutdown_cleanup()
 
@@ -417,6 +524,7 @@ class DeviceWorker:
                 slot.running = True
                 batch.append((slot, slot.requests.popleft()))
                 self._queued_steps -= 1
+            self._round_requests = [req for _, req in batch]
         self.metrics.queue_depth.set(self._queued_steps)
         if batch:
             self._set_threads(self._threads_for(len(batch)))
@@ -441,7 +549,9 @@ class DeviceWorker:
 
     def _run_control(self, control: _Control) -> None:
         if control.kind == "open":
+            self._control_running = control  # left set if _open dies: _fail_worker answers it
             self._open(control)
+            self._control_running = None
         else:
             self._release(control)
         if control.done is not None and control.kind != "open":
@@ -451,7 +561,8 @@ class DeviceWorker:
         t0 = time.monotonic()
         options = control.options if control.options is not None else self.io.validate_options(None)
         try:
-            cache = self.io.initialize_session(self.pipeline, options, control.seed)
+            with self._calling("initialize_session"):
+                cache = self.io.initialize_session(self.pipeline, options, control.seed)
         except Exception as exc:
             logger.bind(session=control.session_id).exception("initialize_session failed")
             if control.done is not None:
@@ -484,7 +595,7 @@ class DeviceWorker:
             "{} of step {} failed: {!r}", stage, req.step, exc
         )
         err = StepFailedError(req.session_id, req.step, stage, exc)
-        req.deliver(StepResult(req.session_id, req.step, None, queue_ms=queue_ms, error=err))
+        self._answer(req, StepResult(req.session_id, req.step, None, queue_ms=queue_ms, error=err))
 
     def _run_batch(self, batch: list[tuple[_Slot, StepRequest]]) -> None:
         t_start = time.monotonic()
@@ -504,7 +615,8 @@ class DeviceWorker:
                 self.fail(req, "generate", out, queue_ms)
                 continue
             try:
-                frames = to_host(self.io.output_to_frames(out))
+                with self._calling("output_to_frames"):
+                    frames = to_host(self.io.output_to_frames(out))
             except Exception as exc:
                 self.fail(req, "output_to_frames", exc, queue_ms)
                 continue
@@ -525,7 +637,8 @@ class DeviceWorker:
                 self.fail(req, "finalize of an earlier step", slot.broken, queue_ms)
                 continue
             try:
-                runnable.append((slot, req, self.io.action_to_input(req.action, req.step)))
+                with self._calling("action_to_input"):
+                    runnable.append((slot, req, self.io.action_to_input(req.action, req.step)))
             except Exception as exc:
                 self.fail(req, "action_to_input", exc, queue_ms)
         return runnable
@@ -535,25 +648,28 @@ class DeviceWorker:
         result = item.result
         result.t_handoff = time.monotonic()
         self.timeline.record("handoff", result.session_id, result.step, result.t_handoff, None, result.batch)
-        item.request.deliver(result)
+        self._answer(item.request, result)
 
     def _generate(self, runnable: list[tuple[_Slot, StepRequest, Any]]) -> list[Any]:
         """Outputs (or the exception of each rollout that failed), in ``runnable``'s order."""
-        if len(runnable) > 1:
+        batched = len(runnable) > 1
+        if batched:
             indices = [req.step for _, req, _ in runnable]
             caches = [slot.cache for slot, _, _ in runnable]
             try:
-                return list(self.pipeline.generate_batch(indices, caches, [x for *_, x in runnable]))
+                with self._calling("generate_batch"):
+                    return list(self.pipeline.generate_batch(indices, caches, [x for *_, x in runnable]))
             except Exception as exc:
                 # One rollout (or the batch) failed: undo what generate_batch did and run each
-                # rollout alone, so only the failing session sees the error.
+                # rollout alone, so only the failing session sees the error (its own).
                 logger.warning("generate_batch of {} failed ({!r}); retrying one by one", len(runnable), exc)
-                for slot, req, _ in runnable:
-                    self.pipeline.undo_generate(req.step, slot.cache)
         outs: list[Any] = []
         for slot, req, x in runnable:
             try:
-                outs.append(self.pipeline.generate(req.step, slot.cache, x))
+                with self._calling("generate"):
+                    if batched:
+                        self.pipeline.undo_generate(req.step, slot.cache)
+                    outs.append(self.pipeline.generate(req.step, slot.cache, x))
             except Exception as exc:
                 outs.append(exc)
         return outs
@@ -564,7 +680,8 @@ class DeviceWorker:
         t0 = time.monotonic()
         failed = self._finalize_calls([(item.slot, item.request) for item in steps])
         if wait_for_device:
-            synchronize(self.device)
+            with self._calling("synchronize"):
+                synchronize(self.device)
         t1 = time.monotonic()
         self.metrics.busy.add(t1 - t0)
         for item in steps:
@@ -579,15 +696,24 @@ class DeviceWorker:
         """Finalize every item; returns ``{session_id: exception}`` for those that failed."""
         if len(items) > 1:
             try:
-                self.pipeline.finalize_batch([r.step for _, r in items], [s.cache for s, _ in items])
+                with self._calling("finalize_batch"):
+                    self.pipeline.finalize_batch([r.step for _, r in items], [s.cache for s, _ in items])
                 return {}
             except Exception as exc:
-                logger.error("finalize_batch of {} rollouts failed: {!r}", len(items), exc)
-                return {req.session_id: exc for _, req in items}
+                # As for generate: undo per rollout, finalize each alone; only the faulty fail.
+                logger.warning("finalize_batch of {} failed ({!r}); retrying one by one", len(items), exc)
+                return self._finalize_alone(items, undo=True)
+        return self._finalize_alone(items, undo=False)
+
+    def _finalize_alone(self, items: list[tuple[_Slot, StepRequest]], undo: bool) -> dict[str, BaseException]:
+        """``finalize`` each item alone (after ``undo_finalize`` when ``undo``: a batch failed)."""
         failed: dict[str, BaseException] = {}
         for slot, req in items:
             try:
-                self.pipeline.finalize(req.step, slot.cache)
+                with self._calling("finalize"):
+                    if undo and not self.pipeline.undo_finalize(req.step, slot.cache):
+                        continue  # the failed batch had finalized this rollout already
+                    self.pipeline.finalize(req.step, slot.cache)
             except Exception as exc:
                 failed[req.session_id] = exc
         return failed

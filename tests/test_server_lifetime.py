@@ -149,7 +149,8 @@ async def test_auth_token(server_factory: ServerFactory) -> None:
     async with await StreamClient.connect(srv.ws_url + "?token=s3cret") as c:
         await c.start(seed=6)
         await check_steps(c, 6, range(1))
-    assert srv.get_json("/v1/info")["auth"] is True
+    assert srv.get("/v1/info").status_code == 401
+    assert srv.get("/v1/info?token=s3cret").json()["auth"] is True
 
 
 async def test_sigterm_finishes_inflight_steps_then_closes_1001(

@@ -564,7 +564,9 @@
   if (params.has("seed")) els.seed.value = params.get("seed");
   if (params.has("codec")) els.codec.value = params.get("codec");
 
-  fetch("v1/info").then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`)))).then(
+  // /v1/info needs the token when the server has one (the header keeps it out of access logs)
+  const infoHeaders = params.has("token") ? { Authorization: `Bearer ${params.get("token")}` } : {};
+  fetch("v1/info", { headers: infoHeaders }).then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`)))).then(
     (info) => {
       els.pipeline.textContent = `${info.pipeline} · ${info.stream ? `${info.stream.width}×${info.stream.height}` : ""}`;
       if (info.options_schema) buildOptions(info.options_schema);

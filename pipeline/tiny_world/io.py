@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic_core import PydanticCustomError
 from torch import Tensor
 
 from pipeline.errors import InputError
 from pipeline.io import PipelineIO, StreamSpec, float_video_to_uint8
 from pipeline.tiny_world.env import VIEW_PX, Action, first_view
-from pipeline.tiny_world.images import decode_start_image
+from pipeline.tiny_world.images import MAX_IMAGE_BASE64_CHARS, decode_start_image
 
 if TYPE_CHECKING:
     from pipeline.stream_pipeline import StreamInferencePipeline, StreamInferencePipelineCache
@@ -38,24 +39,28 @@ class TinyWorldOptions(BaseModel):
     )
     image: str | None = Field(
         default=None,
+        max_length=MAX_IMAGE_BASE64_CHARS,
         description=(
             "Optional start frame instead of the world's: base64 of a 64x64 PNG or of 12288 bytes of raw RGB"
         ),
     )
+    _frame: np.ndarray | None = PrivateAttr(default=None)
+    """The decoded ``image``: decoded once, by validation (off the server's event loop)."""
 
-    @field_validator("image")
-    @classmethod
-    def _check_image(cls, value: str | None) -> str | None:
-        if value is not None:
+    @model_validator(mode="after")
+    def _decode_image(self) -> TinyWorldOptions:
+        if self.image is not None:
             try:
-                decode_start_image(value, VIEW_PX)
+                self._frame = decode_start_image(self.image, VIEW_PX)
             except InputError as exc:
-                raise ValueError(str(exc)) from exc
-        return value
+                raise PydanticCustomError("bad_image", "{reason}", {"reason": str(exc)}) from None
+        return self
 
     def start_frame(self) -> np.ndarray:
         """uint8 ``[64, 64, 3]``: the supplied image or the world's first view."""
-        if self.image is not None:
+        if self._frame is not None:
+            return self._frame
+        if self.image is not None:  # built without validation (model_construct)
             return decode_start_image(self.image, VIEW_PX)
         return first_view(self.world_seed)
 
