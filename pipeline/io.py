@@ -24,8 +24,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 from typing_extensions import TypeVar
 
@@ -102,6 +103,18 @@ class TensorAction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     input: list[Any] = Field(description="Nested list of numbers passed to generate() as a tensor")
+
+    @field_validator("input")
+    @classmethod
+    def _rectangular_numbers(cls, value: list[Any]) -> list[Any]:
+        """Refused here (``bad_action``), not by ``torch.tensor`` on the worker (a fatal error)."""
+        try:
+            kind = np.asarray(value).dtype.kind
+        except (ValueError, TypeError):  # ragged
+            kind = "O"
+        if kind not in "biuf":
+            raise ValueError("input must be a rectangular nested list of numbers")
+        return value
 
 
 class NoOptions(BaseModel):

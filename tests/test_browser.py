@@ -32,9 +32,6 @@ CHROMIUM_ARGS = [
     "--disable-quic",
     "--no-first-run",
 ]
-TINY_WORLD_WEIGHTS = (
-    Path(__file__).resolve().parents[1] / "pipeline" / "tiny_world" / "weights" / "tiny_world.json"
-)
 
 if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
     pytest.skip(
@@ -216,7 +213,6 @@ def test_enum_action_schema_builds_a_pad_and_maps_keys(page: Any, server: Runnin
     page.mouse.up()
 
 
-@pytest.mark.skipif(not TINY_WORLD_WEIGHTS.is_file(), reason="tiny-world weights not trained yet")
 def test_tiny_world_controls_from_schema(page: Any, server_factory: ServerFactory) -> None:
     srv = server_factory(pipeline="tiny-world", codec="jpeg", ready_timeout_s=180)
     page.goto(f"{srv.base_url}/?seed=1")

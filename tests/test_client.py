@@ -104,7 +104,9 @@ async def test_fatal_internal_error_fails_outstanding_steps(server: RunningServe
         with pytest.raises(StreamError) as info:
             await client.step(None)
         assert info.value.error_code is ErrorCode.INTERNAL and info.value.fatal
-        await asyncio.sleep(0.2)
+        deadline = asyncio.get_running_loop().time() + 10
+        while client.connected and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         assert not client.connected
         with pytest.raises(StreamError):  # later calls re-raise the fatal error
             await client.step(None)

@@ -323,3 +323,15 @@ def test_cache_nbytes_counts_each_storage_once():
     pipe = load_pipeline("synthetic", device="cpu")
     cache = pipe.io.initialize_session(pipe, pipe.io.validate_options({}), 1)
     assert cache_nbytes(cache) == 16  # seed + absorbed counters (int64 each)
+
+
+@pytest.mark.parametrize("bad", [[[1, 2], [3]], [["a"]], [[1, [2]]], ["1"], [None]])
+def test_tensor_action_refuses_what_torch_cannot_take(bad):
+    from pydantic import ValidationError
+
+    from pipeline.io import TensorIO
+
+    io = TensorIO()
+    assert io.action_to_input(io.validate_action({"input": [[1, 2], [3, 4.5]]}), 0).shape == (2, 2)
+    with pytest.raises(ValidationError, match="rectangular nested list of numbers"):
+        io.validate_action({"input": bad})
