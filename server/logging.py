@@ -81,6 +81,18 @@ def redacting_sink(stream: TextIO) -> Callable[[str], None]:
     return write
 
 
+CLIENT_FAULTS = ("Invalid UTF-8 sequence received from client",)
+"""uvicorn messages about what a client sent, which it logs as errors with a traceback."""
+
+
+def client_fault_without_traceback(record: logging.LogRecord) -> bool:
+    """A client's fault is one INFO line, so no client can fill the log with tracebacks at will."""
+    if record.exc_info and str(record.msg).startswith(CLIENT_FAULTS):
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
 def setup_logging(level: str = "INFO", json_logs: bool = False) -> None:
     """Configure loguru (stderr) and intercept uvicorn's and the root logger."""
     logger.remove()
@@ -98,3 +110,4 @@ def setup_logging(level: str = "INFO", json_logs: bool = False) -> None:
         lg = logging.getLogger(name)
         lg.handlers = [InterceptHandler()]
         lg.propagate = False
+    logging.getLogger("uvicorn.error").addFilter(client_fault_without_traceback)

@@ -156,6 +156,9 @@ async def test_text_that_is_not_utf8_is_closed_1007_without_an_error(srv: Runnin
         received, code = await messages_until_close(c)
     assert code == 1007 and received == []
     assert srv.get_json("/readyz") == {"ready": True}
+    # One line about it, no traceback: a client cannot fill the log with them at will.
+    assert await eventually(lambda: "Invalid UTF-8 sequence received from client" in srv.log())
+    assert "Traceback" not in srv.log()
 
 
 # ---- metrics -------------------------------------------------------------------------------------
