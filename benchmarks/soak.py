@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import describe_machine
 from clients import AsyncStreamClient, ClientError, StreamError
 from clients.stream import StepResult
 from pipeline.synthetic import expected_frames
@@ -256,6 +257,7 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         exit_status = srv.stop(30)
     rss = [mb for _, mb in samples]
     report: dict[str, Any] = {
+        "machine": describe_machine("cpu").line(),
         "config": {**asdict(cfg), "out": str(cfg.out)},
         "elapsed_s": round(elapsed, 1),
         **{k: v for k, v in asdict(tally).items() if k != "errors_by_code"},
@@ -277,6 +279,7 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
 def summary(r: dict[str, Any]) -> str:
     rss = r["rss_mb"]
     lines = [
+        f"machine: {r['machine']}",
         f"soak: {r['config']['sessions']} sessions, {r['elapsed_s']} s, {r['steps_per_s']} steps/s",
         f"  steps sent {r['sent']}, answered {r['answered_frames']} with frames + {r['answered_error']} "
         f"with an error, abandoned by our drops {r['abandoned']}, LOST {r['lost']}",
