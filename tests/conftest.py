@@ -33,6 +33,7 @@ import contextlib
 import json
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ import websockets
 from clients.codec import decode_frame as client_decode_frame
 from protocol import FrameHeader
 from server.process import ServerProcess, ServerStartError
+from server.worker import StepResult
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECV_TIMEOUT_S = 15.0
@@ -292,3 +294,26 @@ class StreamClient:
         except websockets.ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
         raise AssertionError("the server did not close the connection in time")
+
+
+class Sink:
+    """Thread-safe collector of everything delivered to it."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, item: Any) -> None:
+        with self.cond:
+            self.items.append(item)
+            self.cond.notify_all()
+
+    def wait(self, n: int, timeout_s: float = 20.0) -> list[Any]:
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.items) >= n, timeout_s):
+                raise TimeoutError(f"{len(self.items)} of {n} items after {timeout_s} s")
+            return list(self.items)
+
+    def results(self) -> dict[tuple[str, int], StepResult]:
+        with self.cond:
+            return {(r.session_id, r.step): r for r in self.items}

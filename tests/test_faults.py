@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,8 +27,8 @@ from pipeline.synthetic import expected_frames
 from protocol import FrameHeader
 from server.errors import ModelCallTimeoutError, WorkerDiedError
 from server.serve import EXIT_WORKER_FAILED
-from server.worker import DeviceWorker, StepRequest, StepResult, WorkerFailedError, WorkerStoppedError
-from tests.conftest import RunningServer, ServerFactory, StreamClient, decode_frame
+from server.worker import DeviceWorker, StepRequest, WorkerFailedError, WorkerStoppedError
+from tests.conftest import RunningServer, ServerFactory, Sink, StreamClient, decode_frame
 
 torch.set_num_threads(1)
 
@@ -84,29 +83,6 @@ def test_undo_finalize_after_the_one_at_a_time_fallback() -> None:
     pipe.finalize(0, untouched)
     frames = pipe.io.output_to_frames(pipe.generate(1, untouched, step_input(pipe, 1)))
     np.testing.assert_array_equal(frames.numpy(), expected_frames(3, 1, {"x": 1}))
-
-
-class Sink:
-    """Thread-safe collector of everything delivered to it."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, item: Any) -> None:
-        with self.cond:
-            self.items.append(item)
-            self.cond.notify_all()
-
-    def wait(self, n: int, timeout_s: float = 20.0) -> list[Any]:
-        with self.cond:
-            if not self.cond.wait_for(lambda: len(self.items) >= n, timeout_s):
-                raise TimeoutError(f"{len(self.items)} of {n} items after {timeout_s} s")
-            return list(self.items)
-
-    def results(self) -> dict[tuple[str, int], StepResult]:
-        with self.cond:
-            return {(r.session_id, r.step): r for r in self.items}
 
 
 @pytest.fixture

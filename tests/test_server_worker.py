@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,41 +13,23 @@ import torch
 from pipeline import load_pipeline
 from pipeline.synthetic import expected_frames
 from server.timeline import TimelineEvent
-from server.worker import DeviceWorker, NaiveSchedule, StepRequest, StepResult
+from server.worker import DeviceWorker, NaiveSchedule, StepRequest
+from tests.conftest import Sink
 
 torch.set_num_threads(1)
 
 
-class Collector:
-    """Thread-safe sink of step results."""
-
-    def __init__(self) -> None:
-        self.results: list[StepResult] = []
-        self.cond = threading.Condition()
-
-    def deliver(self, result: Any) -> None:
-        with self.cond:
-            self.results.append(result)
-            self.cond.notify_all()
-
-    def wait(self, n: int, timeout_s: float = 20.0) -> list[StepResult]:
-        with self.cond:
-            if not self.cond.wait_for(lambda: len(self.results) >= n, timeout_s):
-                raise TimeoutError(f"{len(self.results)} of {n} results after {timeout_s} s")
-            return list(self.results)
-
-
 def open_sessions(worker: DeviceWorker, specs: dict[str, dict[str, Any]]) -> None:
-    done = Collector()
+    done = Sink()
     for sid, spec in specs.items():
         options = worker.io.validate_options(spec.get("options"))
-        worker.open_session(sid, options, spec["seed"], done.deliver)
+        worker.open_session(sid, options, spec["seed"], done)
     assert all(r is None for r in done.wait(len(specs)))
 
 
-def submit(worker: DeviceWorker, sid: str, step: int, sink: Collector) -> None:
+def submit(worker: DeviceWorker, sid: str, step: int, sink: Sink) -> None:
     action = worker.io.validate_action({"x": step})
-    worker.submit(StepRequest(sid, step, action, time.monotonic(), sink.deliver))
+    worker.submit(StepRequest(sid, step, action, time.monotonic(), sink))
 
 
 @pytest.fixture
@@ -87,7 +68,7 @@ SEEDS = {"A": {"seed": 1}, "B": {"seed": 2}, "C": {"seed": 3}}
 def test_round_robin_and_batches(make_worker: Any, max_batch: int) -> None:
     worker = make_worker(max_batch=max_batch)
     open_sessions(worker, SEEDS)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():  # all 9 steps become ready together
         for k in range(3):
             for sid in "ABC":
@@ -126,13 +107,13 @@ def test_failure_in_batch_hits_only_that_session(make_worker: Any) -> None:
     worker = make_worker(max_batch=3)
     open_sessions(worker, {"A": {"seed": 1}, "B": {"seed": 2, "options": {"fail_at_step": 1}},
                            "C": {"seed": 3}})  # fmt: skip
-    sink = Collector()
+    sink = Sink()
     for k in range(2):
         with worker.hold():
             for sid in "ABC":
                 submit(worker, sid, k, sink)
         sink.wait(3 * (k + 1))
-    by = {(r.session_id, r.step): r for r in sink.results}
+    by = {(r.session_id, r.step): r for r in sink.items}
     assert by[("B", 1)].error is not None and "injected failure" in str(by[("B", 1)].error)
     for sid, seed in (("A", 1), ("C", 3)):
         for k in range(2):
@@ -144,7 +125,7 @@ def test_failure_in_batch_hits_only_that_session(make_worker: Any) -> None:
         submit(worker, "A", 2, sink)
         submit(worker, "C", 2, sink)
     sink.wait(8)
-    assert all(r.error is None for r in sink.results[-2:])
+    assert all(r.error is None for r in sink.items[-2:])
 
 
 def test_naive_mode_hands_off_after_finalize(make_worker: Any) -> None:
@@ -152,7 +133,7 @@ def test_naive_mode_hands_off_after_finalize(make_worker: Any) -> None:
     worker = make_worker(pipe, max_batch=8, schedule=NaiveSchedule())
     assert worker.max_batch == 1
     open_sessions(worker, SEEDS)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():
         for sid in "ABC":
             submit(worker, sid, 0, sink)
@@ -170,7 +151,7 @@ def test_overlap_mode_hands_off_before_finalize(make_worker: Any) -> None:
     pipe = load_pipeline("synthetic", generate_ms=5, finalize_ms=20)
     worker = make_worker(pipe, max_batch=8)
     open_sessions(worker, SEEDS)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():
         for sid in "ABC":
             submit(worker, sid, 0, sink)
@@ -210,7 +191,7 @@ def test_pipeline_without_batching_runs_one_at_a_time(make_worker: Any) -> None:
     worker = make_worker(pipe, max_batch=8)
     assert worker.max_batch == 1
     open_sessions(worker, SEEDS)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():
         for k in range(2):
             for sid in "ABC":
@@ -227,11 +208,11 @@ def test_release_and_stop_free_every_cache(make_worker: Any) -> None:
     worker = make_worker(max_batch=2)
     open_sessions(worker, SEEDS)
     assert worker.live_caches == 3
-    done = Collector()
-    worker.release_session("A", done.deliver)
+    done = Sink()
+    worker.release_session("A", done)
     done.wait(1)
     assert worker.live_caches == 2
-    sink = Collector()
+    sink = Sink()
     with worker.hold():
         for k in range(3):
             submit(worker, "B", k, sink)
@@ -247,7 +228,7 @@ def test_cuda_frames_reach_host_exactly(make_worker: Any) -> None:
     pipe = load_pipeline("synthetic", generate_ms=1, finalize_ms=1, device="cuda")
     worker = make_worker(pipe, max_batch=3)
     open_sessions(worker, SEEDS)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():
         for k in range(2):
             for sid in "ABC":
@@ -264,7 +245,7 @@ def test_batch_sizes_only_allowed_sizes_and_fair(make_worker: Any) -> None:
     assert worker.batch_sizes == (1, 2, 4)
     sessions = {sid: {"seed": i} for i, sid in enumerate("ABCDEFG")}
     open_sessions(worker, sessions)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():  # 7 ready: batches of 4, then 2, then 1
         for sid in sessions:
             submit(worker, sid, 0, sink)
@@ -291,7 +272,7 @@ def test_big_batches_run_on_more_threads(make_worker: Any) -> None:
     worker = make_worker(pipe, max_batch=4, torch_threads=1, batch_torch_threads=2, batch_threads_from=3)
     sessions = {sid: {"seed": i} for i, sid in enumerate("ABCD")}
     open_sessions(worker, sessions)
-    sink = Collector()
+    sink = Sink()
     with worker.hold():
         for sid in sessions:
             submit(worker, sid, 0, sink)
