@@ -135,8 +135,13 @@ class ServerConfig(BaseSettings):
     /healthz, /readyz and /metrics (16 more connections are kept for them). None: the open-file
     limit (ulimit -n) minus 144, at most 4096."""
     max_connections_per_client: int = Field(default=64, ge=0)
-    """Open connections from one client address (the peer IP; behind a proxy, the proxy's): more
+    """Open connections from one client address (the peer IP, or see trusted_proxies): more
     get 503 (a few more are closed at once); 0: no cap."""
+    trusted_proxies: str = ""
+    """Reverse proxies whose X-Forwarded-For header names the client: comma-separated IPs or
+    networks (127.0.0.1,10.0.0.0/8), or * for any peer. The client is then the rightmost address
+    of that header not in this list (for the per-client caps and the logs). Empty: the TCP peer
+    is the client and X-Forwarded-For is ignored."""
     header_timeout_s: float = Field(default=10.0, gt=0)
     """A connection must send a complete request head (at most 64 KiB) this long after it opened
     or began a request; otherwise it gets 408 and is closed."""

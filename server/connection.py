@@ -57,6 +57,7 @@ from protocol import (
     parse_client_message,
 )
 from protocol.errors import shorten
+from server.errors import QueueTimeoutError
 from server.flow import FlowGuard
 from server.ratelimit import MessageRateLimiter, RateVerdict
 from server.sessions import Session
@@ -529,6 +530,9 @@ class Connection:
                 self._step_finished()
                 if isinstance(result.error.cause, WorkerStoppedError):
                     continue  # session ended or server stopping; that path reports it
+                if isinstance(result.error.cause, QueueTimeoutError):
+                    await self._overloaded(pending.step, result.error.cause)
+                    return
                 await self._fatal(
                     ProtocolError(
                         ErrorCode.INTERNAL,
@@ -599,6 +603,18 @@ class Connection:
             StepDoneMessage(step=pending.step, frames=count, client_ts=pending.client_ts, timing=timing)
         )
         self._step_finished(credit=False)
+
+    async def _overloaded(self, step: int, cause: QueueTimeoutError) -> None:
+        """``step`` expired in the worker's queue: detach the session (resumable from ``step``)
+        and close with ``overloaded`` (1013); the client's other outstanding steps die with it."""
+        session = self.session
+        if session is not None:
+            self._unqueue_steps(session)
+            session.next_step = min(session.next_step, step)
+            self.ctx.sessions.detach(session, self)
+            self.session = None
+        message = f"{cause}: the server is overloaded. The session is kept: resume it (from step {step})"
+        await self._fatal(ProtocolError(ErrorCode.OVERLOADED, message, step=step), end_session=False)
 
     def _step_finished(self, credit: bool = True) -> None:
         """A step is over: return its credit (unless already done) and note when none is left."""

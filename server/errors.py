@@ -46,3 +46,16 @@ class ModelCallTimeoutError(Exception):
 
 class WorkerDiedError(Exception):
     """The device worker thread died while this step was running (the cause of its steps)."""
+
+
+class QueueTimeoutError(Exception):
+    """A step waited in the worker's queue longer than the step timeout and did not run (the
+    server is overloaded); the steps of its session queued after it did not run either."""
+
+    def __init__(self, step: int, waited_s: float, timeout_s: float) -> None:
+        super().__init__(
+            f"step {step} waited {waited_s:.1f} s in the queue without running (step_timeout_s = "
+            f"{timeout_s:g} s)"
+        )
+        self.step = step
+        self.waited_s = waited_s

@@ -17,8 +17,11 @@ protocol classes with a shared :class:`ConnectionGuard`:
   so the process never runs out of file descriptors and one address cannot use up the room kept
   for the probes.
 
-The client address is the TCP peer's IP: behind a reverse proxy it is the proxy's (see
-docs/security.md). ``X-Forwarded-For`` is not trusted.
+The client address is the TCP peer's IP, except for a peer listed in ``trusted_proxies``: its
+connections are not capped per address when they open, and at each request head they are counted
+for the client its ``X-Forwarded-For`` names (the rightmost address not trusted, as uvicorn's
+proxy-headers middleware reads it for the app; a reverse proxy may carry requests of different
+clients over one keep-alive connection). Otherwise ``X-Forwarded-For`` is ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from loguru import logger
+from uvicorn.middleware.proxy_headers import _TrustedHosts  # the rule the app's middleware applies
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -89,10 +93,13 @@ def normalize_ip(text: str) -> str:
 class ConnectionGuard:
     """Counts open connections in all and per client address; decides each new one's fate."""
 
-    def __init__(self, max_connections: int, max_per_client: int, header_timeout_s: float) -> None:
+    def __init__(
+        self, max_connections: int, max_per_client: int, header_timeout_s: float, trusted_proxies: str = ""
+    ) -> None:
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self.header_timeout_s = header_timeout_s
+        self.proxies = _TrustedHosts(trusted_proxies) if trusted_proxies else None
         self._open: dict[int, str] = {}
         self._per_client: Counter[str] = Counter()
         self._refused = 0
@@ -102,14 +109,43 @@ class ConnectionGuard:
     def open(self) -> int:
         return len(self._open)
 
+    def is_proxy(self, peer: str) -> bool:
+        """``peer`` is a trusted reverse proxy (its requests name their client)."""
+        return self.proxies is not None and peer in self.proxies
+
+    def forwarded_client(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
+        """The client a trusted proxy's request names in ``X-Forwarded-For`` (else ``peer``)."""
+        values = [value for name, value in headers if name == b"x-forwarded-for"]
+        if self.proxies is None or not values:
+            return peer
+        host = self.proxies.get_trusted_client_address(b", ".join(values).decode("latin-1"))[0]
+        return normalize_ip(host) if host else peer
+
     def admit(self, transport: asyncio.BaseTransport, client: str) -> tuple[bool, str | None]:
         """``(keep, refusal)``: ``keep`` False → close at once (not counted); else the connection is
-        counted and ``refusal``, if not ``None``, is why it may only be served probes."""
+        counted and ``refusal``, if not ``None``, is why it may only be served probes. A trusted
+        proxy is not capped per address here (see :meth:`rekey`)."""
         total, mine = len(self._open), self._per_client[client]
-        cap = self.max_per_client
+        cap = 0 if self.is_proxy(client) else self.max_per_client
         if total >= self.max_connections + PROBE_RESERVE or (cap and mine >= cap + CLIENT_SLACK):
             self._note_refusal(f"closed at once ({total} open, {mine} from {client})")
             return False, None
+        refusal = self._refusal(total, client, mine, cap)
+        self._open[id(transport)] = client
+        self._per_client[client] += 1
+        return True, refusal
+
+    def rekey(self, transport: asyncio.BaseTransport, client: str) -> str | None:
+        """Count a proxied connection for ``client`` (its current request's); returns why it may
+        only be served probes, or ``None``."""
+        self.release(transport)
+        total, mine = len(self._open), self._per_client[client]
+        refusal = self._refusal(total, client, mine, self.max_per_client)
+        self._open[id(transport)] = client
+        self._per_client[client] += 1
+        return refusal
+
+    def _refusal(self, total: int, client: str, mine: int, cap: int) -> str | None:
         refusal = None
         if cap and mine >= cap:
             refusal = f"{client} already has {mine} open connections (max_connections_per_client = {cap})"
@@ -117,9 +153,7 @@ class ConnectionGuard:
             refusal = f"the server has {total} open connections (max_connections = {self.max_connections})"
         if refusal is not None:
             self._note_refusal(refusal)
-        self._open[id(transport)] = client
-        self._per_client[client] += 1
-        return True, refusal
+        return refusal
 
     def release(self, transport: asyncio.BaseTransport | None) -> None:
         """The connection is gone (idempotent)."""
@@ -174,12 +208,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
-        keep, self._refusal = self.guard.admit(transport, client_host(transport))
+        self._peer = client_host(transport)
+        self._app = self.app
+        keep, self._refusal = self.guard.admit(transport, self._peer)
         if not keep:
             transport.abort()
             return
         if self._refusal is not None:
-            self.app = RefusingApp(self.app, self._refusal)
+            self.app = RefusingApp(self._app, self._refusal)
         super().connection_made(transport)
         self._arm_head_timer()
 
@@ -206,6 +242,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
+        if self.guard.is_proxy(self._peer):
+            client = self.guard.forwarded_client(self._peer, self.headers)
+            self._refusal = self.guard.rekey(self.transport, client)
+            self.app = self._app if self._refusal is None else RefusingApp(self._app, self._refusal)
         super().on_headers_complete()
 
     def handle_websocket_upgrade(self) -> None:
@@ -257,7 +297,10 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 def uvicorn_protocols(config: ServerConfig) -> dict[str, Any]:
     """``http=`` and ``ws=`` for ``uvicorn.Config``: the guarded protocols, sharing one guard."""
     guard = ConnectionGuard(
-        effective_max_connections(config), config.max_connections_per_client, config.header_timeout_s
+        effective_max_connections(config),
+        config.max_connections_per_client,
+        config.header_timeout_s,
+        config.trusted_proxies,
     )
     http = type("HttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
     ws = type("WebSocketProtocol", (GuardedWebSocketProtocol,), {"guard": guard})

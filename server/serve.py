@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     uv_config = uvicorn.Config(
         create_app(config),
         **uvicorn_protocols(config),  # connection caps and the request-head deadline
+        proxy_headers=bool(config.trusted_proxies),  # uvicorn's default trusts 127.0.0.1's headers
+        forwarded_allow_ips=config.trusted_proxies or None,
         ws_per_message_deflate=False,
         ws_max_size=config.ws_max_size_bytes,
         ws_ping_interval=config.ping_interval_s,

@@ -166,7 +166,8 @@ class SessionManager:
             )
             loop = asyncio.get_running_loop()
             opened: asyncio.Future[None] = loop.create_future()
-            self.worker.open_session(session.id, options, seed, resolve_in_loop(loop, opened))
+            shape = (spec.frames_per_step, spec.height, spec.width)
+            self.worker.open_session(session.id, options, seed, resolve_in_loop(loop, opened), shape)
             try:
                 await opened
             except asyncio.CancelledError:

@@ -34,6 +34,10 @@ worker, which may be stuck), or an exception escaping the worker loop (a ``BaseE
 the pipeline). Then every step the worker holds is answered at once: those in the failed call
 with the failure as their cause, queued ones with :class:`WorkerFailedError`; new work is refused
 and :attr:`DeviceWorker.failure` says why (the server then fails its health checks and exits).
+Under overload, a step that has waited in the queue longer than the step timeout is answered with
+:class:`~server.errors.QueueTimeoutError` (by the same probe), with the rest of its session's
+queue; the session's later steps get the same answer until its connection lets go of it
+(:meth:`DeviceWorker.cancel_queued`), so no step runs after a gap.
 
 Concurrency: model calls run only on the worker thread, outside the lock. ``_cond`` (a
 re-entrant lock) guards the slots, the ready FIFO, the control queue and each request's
@@ -61,7 +65,7 @@ from pydantic import BaseModel
 
 from pipeline.device import synchronize
 from pipeline.served import ServedPipeline
-from server.errors import ModelCallTimeoutError, StepFailedError, WorkerDiedError
+from server.errors import ModelCallTimeoutError, QueueTimeoutError, StepFailedError, WorkerDiedError
 from server.metrics import ServerMetrics
 from server.timeline import Timeline
 
@@ -93,11 +97,17 @@ class HostFrames:
         return self.tensor.numpy()
 
 
-def to_host(frames: torch.Tensor) -> HostFrames:
-    """Start moving ``frames`` to host memory without synchronizing the device."""
+def to_host(frames: torch.Tensor, shape: tuple[int, int, int] | None = None) -> HostFrames:
+    """Start moving ``frames`` to host memory without synchronizing the device; they must be
+    uint8 ``[T, H, W, 3]``, with ``(T, H, W)`` = ``shape`` when given (the session's stream spec)."""
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         raise FrameFormatError(
             f"io.output_to_frames must return uint8 [T, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}"
+        )
+    if shape is not None and tuple(frames.shape[:3]) != shape:
+        raise FrameFormatError(
+            f"io.output_to_frames returned {tuple(frames.shape[:3])} frames (T, H, W); the session's "
+            f"stream spec says {shape}"
         )
     if frames.device.type == "cpu":
         return HostFrames(frames.contiguous())
@@ -169,6 +179,11 @@ class _Slot:
     closed: bool = False
     broken: StepFailedError | None = None
     """A finalize failed: the cache is unusable, every later step fails with this."""
+    frame_shape: tuple[int, int, int] | None = None
+    """``(T, H, W)`` the session's frames must have (its stream spec), or ``None``: unchecked."""
+    expired: QueueTimeoutError | None = None
+    """Queued steps expired (:meth:`DeviceWorker.check`): later steps are refused with this until
+    :meth:`DeviceWorker.cancel_queued` (the session's connection lets go of it)."""
 
 
 def resolve_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> Callable[[Any], None]:
@@ -249,6 +264,7 @@ class _Control:
     options: BaseModel | None = None
     seed: int = 0
     done: Callable[[Any], None] | None = None
+    frame_shape: tuple[int, int, int] | None = None
 
 
 class DeviceWorker:
@@ -362,13 +378,35 @@ class DeviceWorker:
             elif self._thread.ident is not None and not self._thread.is_alive() and not self._stop_requested:
                 died = WorkerDiedError("the device worker stopped; the server restarts")
                 self._fail_worker("the device worker thread exited", died, "device worker")
+            else:
+                self._expire_queued(step_timeout_s)
         return self.failure
 
+    def _expire_queued(self, step_timeout_s: float) -> None:
+        """Answer the queued steps of every session whose oldest queued step has waited longer
+        than ``step_timeout_s`` (overload) with :class:`QueueTimeoutError`; the session takes no
+        more steps until its connection lets go of it (:meth:`cancel_queued`)."""
+        now = time.monotonic()
+        with self._cond:
+            for slot in self._slots.values():
+                if slot.requests and now - slot.requests[0].t_received > step_timeout_s:
+                    first = slot.requests[0]
+                    slot.expired = QueueTimeoutError(first.step, now - first.t_received, step_timeout_s)
+                    logger.bind(session=slot.session_id).warning("{}; the session is detached", slot.expired)
+                    self._drop_requests(slot, slot.expired)
+        self.metrics.queue_depth.set(self._queued_steps)
+
     def open_session(
-        self, session_id: str, options: BaseModel, seed: int, done: Callable[[Any], None]
+        self,
+        session_id: str,
+        options: BaseModel,
+        seed: int,
+        done: Callable[[Any], None],
+        frame_shape: tuple[int, int, int] | None = None,
     ) -> None:
-        """Create the session's cache on the worker; ``done(None)`` or ``done(exception)``."""
-        self._push_control(_Control("open", session_id, options, seed, done))
+        """Create the session's cache on the worker; ``done(None)`` or ``done(exception)``. With
+        ``frame_shape`` (``T, H, W`` of its stream spec), frames of another shape fail the step."""
+        self._push_control(_Control("open", session_id, options, seed, done, frame_shape))
 
     def release_session(self, session_id: str, done: Callable[[Any], None] | None = None) -> None:
         """Drop the session's queued steps and free its cache (after a running round, if any)."""
@@ -387,6 +425,10 @@ class DeviceWorker:
             slot = self._slots.get(request.session_id)
             if slot is None or slot.closed:
                 raise WorkerStoppedError(f"session {request.session_id} has no cache on the worker")
+            if slot.expired is not None:  # answered, not queued: it must not run after the gap
+                error = StepFailedError(request.session_id, request.step, "queue", slot.expired)
+                self._answer(request, StepResult(request.session_id, request.step, None, error=error))
+                return
             slot.requests.append(request)
             self._queued_steps += 1
             if not slot.running and not slot.queued:
@@ -407,6 +449,7 @@ class DeviceWorker:
             steps = [r.step for r in slot.requests]
             self._queued_steps -= len(slot.requests)
             slot.requests.clear()
+            slot.expired = None
         self.metrics.queue_depth.set(self._queued_steps)
         return steps
 
@@ -425,11 +468,12 @@ class DeviceWorker:
     def _drop_requests(self, slot: _Slot, error: Exception) -> None:
         """Fail a slot's queued requests (caller holds the lock)."""
         self._queued_steps -= len(slot.requests)
+        now = time.monotonic()
         for req in slot.requests:
             self._answer(
                 req,
                 StepResult(
-                    req.session_id, req.step, None,
+                    req.session_id, req.step, None, queue_ms=(now - req.t_received) * 1000.0,
                     error=StepFailedError(req.session_id, req.step, "queue", error),
                 ),
             )  # fmt: skip
@@ -569,7 +613,8 @@ class DeviceWorker:
                 control.done(exc)
             return
         with self._cond:
-            self._slots[control.session_id] = _Slot(control.session_id, cache)
+            slot = _Slot(control.session_id, cache, frame_shape=control.frame_shape)
+            self._slots[control.session_id] = slot
         self._set_live(+1)
         self.timeline.record("init", control.session_id, None, t0, time.monotonic())
         if control.done is not None:
@@ -616,7 +661,7 @@ class DeviceWorker:
                 continue
             try:
                 with self._calling("output_to_frames"):
-                    frames = to_host(self.io.output_to_frames(out))
+                    frames = to_host(self.io.output_to_frames(out), slot.frame_shape)
             except Exception as exc:
                 self.fail(req, "output_to_frames", exc, queue_ms)
                 continue

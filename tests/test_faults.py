@@ -25,7 +25,7 @@ from pipeline import load_pipeline
 from pipeline.errors import FinalizeError
 from pipeline.synthetic import expected_frames
 from protocol import FrameHeader
-from server.errors import ModelCallTimeoutError, WorkerDiedError
+from server.errors import ModelCallTimeoutError, QueueTimeoutError, WorkerDiedError
 from server.serve import EXIT_WORKER_FAILED
 from server.worker import DeviceWorker, StepRequest, WorkerFailedError, WorkerStoppedError
 from tests.conftest import RunningServer, ServerFactory, Sink, StreamClient, decode_frame
@@ -191,6 +191,54 @@ def test_base_exception_creating_a_cache_answers_the_start(workers: list[DeviceW
     assert worker.check(step_timeout_s=30) == "the device worker crashed (FaultyCrash)"
 
 
+def test_steps_queued_past_the_step_timeout_are_answered_without_a_gap(workers: list[DeviceWorker]) -> None:
+    worker = start_worker(workers, {"A": {}}, generate_ms=150)
+    sink = Sink()
+    for k in range(5):  # one session: one step per round, 150 ms each
+        submit_round(worker, sink, {"A": k})
+    t0 = time.monotonic()
+    while not any(r.error is not None for r in sink.items):
+        assert time.monotonic() - t0 < 10, "no queued step expired"
+        worker.check(step_timeout_s=0.35)
+        time.sleep(0.02)
+    submit_round(worker, sink, {"A": 5})  # sent after the gap opened: answered, not run
+    results = sink.wait(6)
+    got = sink.results()
+    expired = sorted(k for (_, k), r in got.items() if r.error is not None)
+    assert expired and expired == list(range(expired[0], 6)) and expired[0] >= 1, expired
+    for k in expired:
+        err = got[("A", k)].error
+        assert err is not None and isinstance(err.cause, QueueTimeoutError)
+        assert err.cause.step == expired[0] and err.cause.waited_s > 0.35
+    for k in range(expired[0]):
+        frames = got[("A", k)].frames
+        assert frames is not None
+        np.testing.assert_array_equal(frames.numpy(), expected_frames(1, k, {"x": k}))
+    assert worker.failure is None and len(results) == 6
+    assert worker.cancel_queued("A") == []  # the connection lets go: steps run again, from the gap
+    k = expired[0]
+    submit_round(worker, sink, {"A": k})
+    frames = sink.wait(7)[-1].frames
+    assert frames is not None
+    np.testing.assert_array_equal(frames.numpy(), expected_frames(1, k, {"x": k}))
+
+
+def test_frames_of_the_wrong_shape_fail_only_that_session(workers: list[DeviceWorker]) -> None:
+    worker = start_worker(workers, {})
+    opened = Sink()
+    options = worker.io.validate_options(None)
+    worker.open_session("good", options, 1, opened)
+    worker.open_session("bad", options, 2, opened, frame_shape=(1, 2, 3))  # not synthetic's shape
+    assert opened.wait(2) == [None, None]
+    sink = Sink()
+    submit_round(worker, sink, {"good": 0, "bad": 0})
+    sink.wait(2)
+    got = sink.results()
+    err = got[("bad", 0)].error
+    assert err is not None and err.stage == "output_to_frames" and "stream spec" in str(err.cause)
+    assert got[("good", 0)].error is None
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 COSTS = {"generate_ms": 20, "finalize_ms": 20}
 
@@ -352,3 +400,25 @@ async def test_hung_generate_is_answered_within_the_step_timeout(server_factory:
     srv = server_factory(pipeline=FAULTY, pipeline_overrides=COSTS, step_timeout_s=1.5)
     err = await worker_failure(srv, {"hang_at": 1}, step_timeout_s=1.5)
     assert "longer than the step timeout (1.5 s)" in err["message"]
+
+
+async def test_step_queued_past_the_step_timeout_detaches_the_session(server_factory: ServerFactory) -> None:
+    """Overload: a step that cannot start within the step timeout is answered (overloaded, 1013)
+    and its session stays resumable from that step, with the exact frames."""
+    srv = server_factory(pipeline_overrides={"generate_ms": 200}, step_timeout_s=0.7, max_inflight=8)
+    c = await StreamClient.connect(srv.ws_url)
+    ready = await c.start(seed=4)
+    t0 = time.monotonic()
+    for k in range(8):  # one session, one step per round: step 4 waits ≥ 0.8 s
+        await c.send_step(k, {"x": k})
+    err, code = await read_until_error(c, timeout_s=10)
+    assert err["code"] == "overloaded" and err["fatal"] is True and code == 1013, err
+    assert time.monotonic() - t0 < 0.7 + 2.0  # the step timeout + the watchdog's period + slack
+    assert 1 <= err["step"] <= 4 and "resume it (from step" in err["message"]
+    await c.close()
+    async with await StreamClient.connect(srv.ws_url) as again:
+        resumed = await again.resume(ready["session_id"], ready["resume_token"])
+        assert resumed["type"] == "ready" and resumed["next_step"] == err["step"]
+        k = err["step"]
+        got = await again.step(k, {"x": k})
+        np.testing.assert_array_equal(got.frames(), expected_frames(4, k, {"x": k}))

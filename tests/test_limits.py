@@ -201,3 +201,53 @@ async def test_dropped_sessions_do_not_lock_new_players_out(server_factory: Serv
                     await e.send({"type": "start", "seed": 11})
                     err = await e.expect_error("overloaded")
                     assert "3 sessions" in err["message"]
+
+
+def forwarded(client: str) -> dict[str, dict[str, str]]:
+    """Connect options of a request that a proxy forwarded for ``client``."""
+    return {"additional_headers": {"X-Forwarded-For": f"{client}, 10.9.9.9"}}
+
+
+async def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(
+    server_factory: ServerFactory,
+) -> None:
+    srv = server_factory(pipeline_overrides=FAST, max_connections_per_client=2, max_sessions_per_client=1)
+    async with await StreamClient.connect(srv.ws_url, **forwarded("203.0.113.1")) as a:
+        await a.start(seed=1)
+        async with await StreamClient.connect(srv.ws_url, **forwarded("203.0.113.2")) as b:
+            await b.send({"type": "start", "seed": 2})  # the same address (127.0.0.1): over its cap
+            err = await b.expect_error("overloaded")
+            assert "max_sessions_per_client" in err["message"]
+        async with await StreamClient.connect(srv.ws_url, **forwarded("203.0.113.3")):
+            refusal = await ws_refusal(srv.ws_url + "?x=1")
+            assert refusal.startswith("503 ") and "127.0.0.1 already has 2" in refusal
+
+
+async def test_trusted_proxy_clients_are_capped_by_their_forwarded_address(
+    server_factory: ServerFactory,
+) -> None:
+    # 127.0.0.1 is the proxy; 10.9.9.9 (the next hop, also listed) is trusted too
+    srv = server_factory(
+        pipeline_overrides=FAST,
+        max_connections_per_client=2,
+        max_sessions_per_client=1,
+        trusted_proxies="127.0.0.1,10.0.0.0/8",
+    )
+    held = [await StreamClient.connect(srv.ws_url, **forwarded("203.0.113.1")) for _ in range(2)]
+    try:
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await StreamClient.connect(srv.ws_url, **forwarded("203.0.113.1"))
+        body = bytes(info.value.response.body or b"").decode()
+        assert info.value.response.status_code == 503 and "203.0.113.1 already has 2" in body
+        await held[0].start(seed=1)
+        await held[1].send({"type": "start", "seed": 2})
+        assert "max_sessions_per_client" in (await held[1].expect_error("overloaded"))["message"]
+        async with await StreamClient.connect(srv.ws_url, **forwarded("203.0.113.2")) as other:
+            await other.start(seed=3)  # another client behind the same proxy: its own caps
+            await other.step(0)
+        async with await StreamClient.connect(srv.ws_url) as direct:  # no header: the proxy itself
+            await direct.start(seed=4)
+        assert "203.0.113.1" in srv.log()  # the logs name the client, not the proxy
+    finally:
+        for c in held:
+            await c.close()
