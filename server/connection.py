@@ -11,10 +11,10 @@ Three tasks per connection:
 
 Nothing a client sends costs the event loop more than a small, bounded time: messages are
 size-checked and rate-limited (:class:`MessageRateLimiter`) before they are parsed, the receive
-loop yields to the other connections every :data:`RECEIVE_SLICE_S`, start options (which may carry an
-image) are validated in a small thread pool, and :class:`FlowGuard` reads a client one chunk per
-event-loop round and not at all while it does not read what it is sent (which bounds what it can
-make the server buffer).
+loop yields to the other connections every :data:`RECEIVE_SLICE_S`, start options (which may
+carry an image) are validated in a small thread pool, and the :class:`~server.flow.FlowGuard`
+reads a client one chunk per event-loop round and not at all while it does not read what it is
+sent (which bounds what it can make the server buffer).
 
 Non-fatal errors leave the session exactly as it was. Fatal ones end the session and close the
 connection; a connection that is lost (no close from us) leaves its session resumable.
@@ -58,7 +58,7 @@ from protocol import (
 )
 from protocol.errors import shorten
 from server.errors import QueueTimeoutError
-from server.flow import FlowGuard
+from server.flow import flow_guard
 from server.ratelimit import MessageRateLimiter, RateVerdict
 from server.sessions import Session
 from server.worker import StepRequest, StepResult, WorkerStoppedError, resolve_in_loop
@@ -114,11 +114,11 @@ class Connection:
         self.log = logger.bind(session="-")
         cfg = self.config
         self._limiter = MessageRateLimiter(cfg.rate_limit_per_s, cfg.rate_burst, cfg.rate_limit_close_s)
-        self._guard = FlowGuard.attach(ws, self._limiter, cfg.send_timeout_s, self.log)
+        self._guard = flow_guard(ws.scope)
         if self._guard is None:
-            self.log.warning("no flow guard: the server's WebSocket protocol is not uvicorn's sansio one")
+            self.log.warning("no flow guard: the server's WebSocket protocol is not server.limits' one")
         else:
-            self._guard.on_ping = self._on_ping_over_limit
+            self._guard.bind(self._limiter, self._on_ping_over_limit, self.log)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:

@@ -40,6 +40,7 @@ from uvicorn.protocols.utils import get_remote_addr
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from server.config import ServerConfig
+from server.flow import FLOW_EXTENSION, FlowGuard
 
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 """Paths still served on a connection that is over a cap (orchestrators and monitoring)."""
@@ -272,15 +273,45 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol; releases the connection's place in the guard when it ends."""
+    """uvicorn's WebSocket protocol with a :class:`~server.flow.FlowGuard` (made at the handshake,
+    passed to the app in the scope); releases the connection's place in the guard when it ends."""
 
     guard: ClassVar[ConnectionGuard]
+    send_timeout_s: ClassVar[float]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # No frame dumps at DEBUG: they quote message payloads, resume tokens included, cut in the
         # middle where no redaction can find them.
         self.conn.debug = False
+        self.flow: FlowGuard | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # set unless the handshake was refused
+        if scope is not None:
+            self.flow = FlowGuard(self, self.send_timeout_s)
+            scope["extensions"][FLOW_EXTENSION] = self.flow
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.flow is not None:
+            self.flow.on_pause_writing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.flow is not None:
+            self.flow.on_resume_writing()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.flow is not None:
+            self.flow.on_events_handled()
+
+    def handle_ping(self) -> None:
+        super().handle_ping()
+        if self.flow is not None:
+            self.flow.on_ping_frame()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.release(self.transport)
@@ -295,7 +326,8 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 def uvicorn_protocols(config: ServerConfig) -> dict[str, Any]:
-    """``http=`` and ``ws=`` for ``uvicorn.Config``: the guarded protocols, sharing one guard."""
+    """``http=`` and ``ws=`` for ``uvicorn.Config``: the guarded protocols, sharing one guard (and
+    the WebSocket one with flow control, :mod:`server.flow`)."""
     guard = ConnectionGuard(
         effective_max_connections(config),
         config.max_connections_per_client,
@@ -303,5 +335,6 @@ def uvicorn_protocols(config: ServerConfig) -> dict[str, Any]:
         config.trusted_proxies,
     )
     http = type("HttpProtocol", (GuardedHttpProtocol,), {"guard": guard})
-    ws = type("WebSocketProtocol", (GuardedWebSocketProtocol,), {"guard": guard})
+    ws_attrs = {"guard": guard, "send_timeout_s": config.send_timeout_s}
+    ws = type("WebSocketProtocol", (GuardedWebSocketProtocol,), ws_attrs)
     return {"http": http, "ws": ws}

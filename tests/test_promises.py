@@ -357,7 +357,8 @@ def watch_startup(sp: ServerProcess) -> list[Probe]:
     with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=2.0) as http:
         started = pool.submit(sp.start)  # Popen, then its own wait for /readyz
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not started.done():
+        # until a 200 (even when ``start`` saw one first), or ``start`` failed
+        while time.monotonic() < deadline and not (started.done() and started.exception()):
             loaded = LOADED in log()
             try:
                 status: int | None = http.get(sp.base_url + "/readyz").status_code
