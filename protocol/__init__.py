@@ -3,7 +3,7 @@
 The bottom layer of the project, imported by both ends and importing neither (pydantic, numpy
 and the standard library only; no torch, no web server):
 
-* :mod:`protocol.constants` — version, stream path, default URL;
+* :mod:`protocol.constants` — version, stream path, default URL, watch-link parameters;
 * :mod:`protocol.messages` — the JSON messages, one discriminated union per direction, and the
   parsers both ends use;
 * :mod:`protocol.frames` — codecs and the 16-byte header of binary frame messages;
@@ -12,7 +12,15 @@ and the standard library only; no torch, no web server):
   decoder (clients without Pillow).
 """
 
-from protocol.constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_URL, PROTOCOL_VERSION, STREAM_PATH
+from protocol.constants import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_URL,
+    PROTOCOL_VERSION,
+    STREAM_PATH,
+    WATCH_LINK_SESSION_PARAM,
+    WATCH_LINK_TOKEN_PARAM,
+)
 from protocol.errors import FATAL_CLOSE, CloseCode, ErrorCode, ProtocolError, describe_validation_error
 from protocol.frames import CODEC_NAMES, Codec, CodecName, FrameHeader
 from protocol.messages import (
@@ -31,6 +39,8 @@ from protocol.messages import (
     StepDoneMessage,
     StepMessage,
     StepTiming,
+    WatchingMessage,
+    WatchMessage,
     parse_client_message,
     parse_server_message,
 )
@@ -45,6 +55,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SERVER_MESSAGE_TYPES",
     "STREAM_PATH",
+    "WATCH_LINK_SESSION_PARAM",
+    "WATCH_LINK_TOKEN_PARAM",
     "ClientMessage",
     "CloseCode",
     "Codec",
@@ -64,6 +76,8 @@ __all__ = [
     "StepDoneMessage",
     "StepMessage",
     "StepTiming",
+    "WatchMessage",
+    "WatchingMessage",
     "describe_validation_error",
     "parse_client_message",
     "parse_server_message",

@@ -1,4 +1,5 @@
-"""Constants of protocol v1 that both ends need: the version, the stream path, the default URL."""
+"""Constants of protocol v1 that both ends need: the version, the stream path, the default URL, the
+query parameters of a watch link."""
 
 from __future__ import annotations
 
@@ -16,3 +17,10 @@ DEFAULT_PORT = 8000
 
 DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}{STREAM_PATH}"
 """Where clients connect by default."""
+
+WATCH_LINK_SESSION_PARAM = "watch"
+"""Query parameter of a watch link (``http://host:port/?watch=<session_id>&wt=<watch_token>``, what
+the browser demo shares) that carries the watched ``session_id``."""
+
+WATCH_LINK_TOKEN_PARAM = "wt"
+"""Query parameter of a watch link that carries the session's ``watch_token``."""

@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"
     SHUTTING_DOWN = "shutting_down"
     RATE_LIMITED = "rate_limited"
+    NOT_CONTROLLER = "not_controller"
 
 
 class CloseCode(IntEnum):

@@ -63,8 +63,16 @@ class EndMessage(_Message):
     type: Literal["end"]
 
 
+class WatchMessage(_Message):
+    """Watch a session read-only (a spectator), with the ``watch_token`` of its ``ready``."""
+
+    type: Literal["watch"]
+    session_id: str = Field(max_length=128)
+    watch_token: str = Field(max_length=128)
+
+
 ClientMessage = Annotated[
-    StartMessage | ResumeMessage | StepMessage | PingMessage | EndMessage,
+    StartMessage | ResumeMessage | StepMessage | PingMessage | EndMessage | WatchMessage,
     Field(discriminator="type"),
 ]
 """Any message a client may send."""
@@ -76,6 +84,8 @@ class ReadyMessage(BaseModel):
     protocol: int = PROTOCOL_VERSION
     session_id: str
     resume_token: str
+    watch_token: str | None = None
+    """Read-only capability to watch this session (``watch``); share it, not ``resume_token``."""
     pipeline: str
     width: int
     height: int
@@ -110,6 +120,31 @@ class StepDoneMessage(BaseModel):
     frames: int
     client_ts: float | None = None
     timing: StepTiming
+    watchers: int | None = None
+    """Connections watching the session when this step was sent."""
+    dropped: int | None = None
+    """To a watcher only: steps of the session it missed just before this one (its queue was
+    full: it read too slowly); 0 when none."""
+    behind_ms: float | None = None
+    """To a watcher only: the player's frames of this step were sent this long before these."""
+
+
+class WatchingMessage(BaseModel):
+    """The answer to ``watch``: the stream a watcher will see (frames and ``step_done`` follow)."""
+
+    type: Literal["watching"] = "watching"
+    protocol: int = PROTOCOL_VERSION
+    session_id: str
+    pipeline: str
+    width: int
+    height: int
+    frames_per_step: int
+    fps: float
+    codec: CodecName
+    next_step: int
+    """The first step this watcher can see (the session's next step not yet sent)."""
+    watchers: int
+    """Connections watching the session, this one included."""
 
 
 class PongMessage(BaseModel):
@@ -134,7 +169,7 @@ class ErrorMessage(BaseModel):
 
 
 ServerMessage = Annotated[
-    ReadyMessage | StepDoneMessage | PongMessage | EndedMessage | ErrorMessage,
+    ReadyMessage | StepDoneMessage | PongMessage | EndedMessage | ErrorMessage | WatchingMessage,
     Field(discriminator="type"),
 ]
 """Any text message a server may send (frames are binary, see :mod:`protocol.frames`)."""

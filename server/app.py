@@ -308,6 +308,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 "idle_timeout_s": cfg.idle_timeout_s,
                 "resume_window_s": cfg.resume_window_s,
                 "max_sessions_per_client": cfg.max_sessions_per_client,
+                "max_watchers": cfg.max_watchers,
                 "max_connections": effective_max_connections(cfg),
                 "max_connections_per_client": cfg.max_connections_per_client,
                 "header_timeout_s": cfg.header_timeout_s,

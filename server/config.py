@@ -76,6 +76,8 @@ class ServerConfig(BaseSettings):
     """How long a disconnected session is kept for 'resume' (0: never)."""
     max_inflight: int = Field(default=2, ge=1, le=64)
     """Steps a client may have outstanding (advertised in 'ready')."""
+    max_watchers: int = Field(default=16, ge=0, le=1024)
+    """Connections that may watch one session read-only (its watch link); 0: no watching."""
     max_batch: int = Field(default=8, ge=1, le=256)
     """Most sessions' steps run as one batched generate."""
     batch_sizes: Annotated[list[int] | None, NoDecode] = None

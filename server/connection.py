@@ -53,6 +53,8 @@ from protocol import (
     StepDoneMessage,
     StepMessage,
     StepTiming,
+    WatchingMessage,
+    WatchMessage,
     describe_validation_error,
     parse_client_message,
 )
@@ -61,6 +63,7 @@ from server.errors import QueueTimeoutError
 from server.flow import flow_guard
 from server.ratelimit import MessageRateLimiter, RateVerdict
 from server.sessions import Session
+from server.watchers import WatchedStep, Watcher
 from server.worker import StepRequest, StepResult, WorkerStoppedError, resolve_in_loop
 
 if TYPE_CHECKING:
@@ -97,6 +100,9 @@ class Connection:
         self.ctx = ctx
         self.config = ctx.config
         self.session: Session | None = None
+        self.watched: Session | None = None
+        """The session this connection watches (read-only), if any."""
+        self.watcher: Watcher | None = None
         self.inflight = 0
         """Accepted steps whose ``step_done`` has not been sent (the client's used credits)."""
         self.last_activity = time.monotonic()
@@ -139,6 +145,9 @@ class Connection:
             self.ctx.connections.discard(self)
             if self.session is not None:
                 self._release_session_to_resume()
+            if self.watched is not None and self.watcher is not None:
+                self.watched.watchers.discard(self.watcher)
+                self.ctx.metrics.watchers.dec()
 
     def _release_session_to_resume(self) -> None:
         """The connection is gone without a fatal error: keep the session for ``resume``."""
@@ -338,6 +347,13 @@ class Connection:
         )
 
     async def _handle(self, msg: ClientMessage) -> None:
+        if self.watched is not None and isinstance(msg, (StepMessage, StartMessage, ResumeMessage)):
+            raise ProtocolError(
+                ErrorCode.NOT_CONTROLLER,
+                f"this connection watches session {self.watched.id} read-only; '{msg.type}' needs a "
+                "connection of its own",
+                step=msg.step if isinstance(msg, StepMessage) else None,
+            )
         if isinstance(msg, StepMessage):
             self._on_step(msg)
         elif isinstance(msg, PingMessage):
@@ -348,6 +364,8 @@ class Connection:
             await self._on_resume(msg)
         elif isinstance(msg, EndMessage):
             await self._on_end()
+        elif isinstance(msg, WatchMessage):
+            await self._on_watch(msg)
 
     async def _send_pong(self, msg: PingMessage) -> None:
         try:
@@ -359,11 +377,13 @@ class Connection:
     def _check_admitting(self) -> None:
         if self.ctx.draining or self._draining:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect later")
-        if self.session is not None:
+        busy = self.session or self.watched
+        if busy is not None:
+            what = "drives" if busy is self.session else "watches"
             raise ProtocolError(
                 ErrorCode.ALREADY_STARTED,
-                f"this connection already drives session {self.session.id}; send 'end' first or "
-                "open another connection",
+                f"this connection already {what} session {busy.id}; send 'end' first or open "
+                "another connection",
             )
 
     async def _on_start(self, msg: StartMessage) -> None:
@@ -428,6 +448,60 @@ class Connection:
         self._attach(session)
         await self._send_ready(session)
 
+    async def _on_watch(self, msg: WatchMessage) -> None:
+        self._check_admitting()
+        session = self.ctx.sessions.watchable(msg.session_id, msg.watch_token)
+        limit = self.config.max_watchers
+        if len(session.watchers) >= limit:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"session {session.id} has its maximum of {limit} watchers (max_watchers)",
+                fatal=False,
+            )
+        self.watcher, self.watched = Watcher(on_drop=self.ctx.metrics.watch_dropped.inc), session
+        session.watchers.add(self.watcher)
+        self.ctx.metrics.watchers.inc()
+        self.log = logger.bind(session=session.id)
+        self.log.info("watching ({} watcher(s))", len(session.watchers))
+        spec = session.spec
+        await self._send_text(
+            WatchingMessage(
+                session_id=session.id,
+                pipeline=session.pipeline,
+                width=spec.width,
+                height=spec.height,
+                frames_per_step=spec.frames_per_step,
+                fps=spec.fps,
+                codec=session.codec.wire_name,  # type: ignore[arg-type]
+                next_step=session.last_sent_step + 1,
+                watchers=len(session.watchers),
+            )
+        )
+        self._tasks.append(asyncio.create_task(self._watch_loop(self.watcher, session), name="ws-watch"))
+
+    async def _watch_loop(self, watcher: Watcher, session: Session) -> None:
+        """Send the watched session's steps as they come; ``ended`` and close 1000 after its end."""
+        while (delivery := await watcher.next()) is not None:
+            item = delivery.item
+            for message in item.messages:
+                if not await self._send(message):
+                    return
+            done = StepDoneMessage(
+                step=item.step,
+                frames=len(item.messages),
+                timing=item.timing,
+                watchers=len(session.watchers),
+                dropped=delivery.dropped,
+                behind_ms=round(delivery.behind_ms, 3),
+            )
+            if not await self._send_text(done):
+                return
+        if not self._closing:
+            self._closing = True
+            await self._send_text(EndedMessage())
+            await self._close(CloseCode.NORMAL, "session ended")
+            self._done.set()
+
     def _attach(self, session: Session) -> None:
         self.session = session
         self.inflight = 0
@@ -440,6 +514,7 @@ class Connection:
             ReadyMessage(
                 session_id=session.id,
                 resume_token=session.resume_token,
+                watch_token=session.watch_token if self.config.max_watchers else None,
                 pipeline=session.pipeline,
                 width=spec.width,
                 height=spec.height,
@@ -563,13 +638,15 @@ class Connection:
             return
         count = len(encoded.payloads)
         height, width = result.frames.tensor.shape[1], result.frames.tensor.shape[2]
-        sent_bytes = 0
-        for index, payload in enumerate(encoded.payloads):
-            header = FrameHeader(session.codec, pending.step, index, count, width, height).pack()
-            if not await self._send(header + payload):
+        messages = tuple(
+            FrameHeader(session.codec, pending.step, index, count, width, height).pack() + payload
+            for index, payload in enumerate(encoded.payloads)
+        )
+        for message in messages:
+            if not await self._send(message):
                 self._step_finished()
                 return
-            sent_bytes += len(payload)
+        sent_bytes = sum(len(p) for p in encoded.payloads)
         t_sent = time.monotonic()
         self.ctx.timeline.record("sent", session.id, pending.step, t_sent, None, result.batch)
         server_ms = (t_sent - pending.t_received) * 1000.0
@@ -583,7 +660,12 @@ class Connection:
         session.steps += 1
         session.frames += count
         session.bytes_sent += sent_bytes
+        session.last_sent_step = pending.step
         session.touch()
+        if session.watchers:  # the same bytes, once per watcher's queue (never waits)
+            item = WatchedStep(pending.step, messages, timing, t_sent)
+            for watcher in session.watchers:
+                watcher.offer(item)
         m = self.ctx.metrics
         m.steps.inc()
         m.frames.inc(count)
@@ -599,9 +681,14 @@ class Connection:
         # The credit comes back before step_done leaves (the client may answer it at once), but
         # "nothing in flight" is only signalled once step_done is out (a drain waits for it).
         self.inflight = max(0, self.inflight - 1)
-        await self._send_text(
-            StepDoneMessage(step=pending.step, frames=count, client_ts=pending.client_ts, timing=timing)
+        done = StepDoneMessage(
+            step=pending.step,
+            frames=count,
+            client_ts=pending.client_ts,
+            timing=timing,
+            watchers=len(session.watchers),
         )
+        await self._send(done.model_dump_json(exclude={"dropped", "behind_ms"}))
         self._step_finished(credit=False)
 
     async def _overloaded(self, step: int, cause: QueueTimeoutError) -> None:
@@ -629,6 +716,8 @@ class Connection:
         period = min(1.0, idle_s / 4)
         while not self._closing:
             await asyncio.sleep(period)
+            if self.watched is not None:  # a watcher waits for its session, however idle
+                continue
             session = self.session
             since = session.last_activity if session is not None else self.last_activity
             if self.inflight == 0 and time.monotonic() - since > idle_s:

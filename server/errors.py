@@ -17,15 +17,16 @@ class OverloadedError(ProtocolError):
 
 
 class UnknownSessionError(ProtocolError):
-    """Resume of a session that does not exist, expired, or whose token does not match."""
+    """Resume (or watch) of a session that does not exist, expired, or whose token does not match."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            ErrorCode.UNKNOWN_SESSION,
-            "no resumable session with this session_id and resume_token (it may have expired; "
-            "send 'start' for a new session)",
-            fatal=False,
-        )
+    RESUME = (
+        "no resumable session with this session_id and resume_token (it may have expired; send "
+        "'start' for a new session)"
+    )
+    WATCH = "no live session with this session_id and watch_token (it may have ended)"
+
+    def __init__(self, message: str = RESUME) -> None:
+        super().__init__(ErrorCode.UNKNOWN_SESSION, message, fatal=False)
 
 
 class StepFailedError(Exception):

@@ -62,6 +62,12 @@ class ServerMetrics:
         self.live_caches = Gauge(
             "dreamstream_live_caches", "Pipeline caches allocated on the device", registry=r
         )
+        self.watchers = Gauge("dreamstream_watchers", "Connections watching a session", registry=r)
+        self.watch_dropped = Counter(
+            "dreamstream_watch_dropped_steps",
+            "Steps dropped for watchers that read too slowly (whole steps, per watcher)",
+            registry=r,
+        )
         self.sessions_started = Counter("dreamstream_sessions_started", "Sessions started", registry=r)
         self.steps = Counter("dreamstream_steps", "AR steps completed and sent", registry=r)
         self.frames = Counter("dreamstream_frames", "Frames sent", registry=r)

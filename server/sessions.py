@@ -35,12 +35,15 @@ from pipeline.io import StreamSpec
 from protocol import Codec, ErrorCode, ProtocolError
 from server.errors import OverloadedError, UnknownSessionError
 from server.metrics import ServerMetrics
+from server.watchers import Watcher
 from server.worker import DeviceWorker, resolve_in_loop
 
 SESSION_ID_BYTES = 16
 """Entropy of a session id (128 bits, URL-safe base64)."""
 RESUME_TOKEN_BYTES = 32
 """Entropy of a resume token (256 bits)."""
+WATCH_TOKEN_BYTES = 24
+"""Entropy of a watch token (192 bits): a read-only capability, shared more widely."""
 
 CLIENT_ADDRESS: ContextVar[str | None] = ContextVar("dreamstream_client_address", default=None)
 """Peer IP of the connection whose tasks run in this context (``None``: unknown, not capped)."""
@@ -85,6 +88,11 @@ class Session:
     """Address of the connection that started or last resumed it (per-address cap)."""
     detached_at: float = 0.0
     """``time.monotonic()`` when it was last detached (the oldest is evicted first)."""
+    watch_token: str = field(default_factory=lambda: secrets.token_urlsafe(WATCH_TOKEN_BYTES))
+    watchers: set[Watcher] = field(default_factory=set)
+    """The queues of the connections watching it (told when it ends)."""
+    last_sent_step: int = -1
+    """The latest step whose frames went to the player (a new watcher sees the ones after)."""
 
     @property
     def log(self) -> Any:
@@ -243,6 +251,14 @@ class SessionManager:
         session.log.info("session resumed at step {}", session.next_step)
         return session
 
+    def watchable(self, session_id: str, watch_token: str) -> Session:
+        """The live session ``session_id`` if ``watch_token`` is its watch token; else
+        :class:`UnknownSessionError` (same error for both, so ids cannot be probed)."""
+        session = self._sessions.get(session_id)
+        if session is None or not secrets.compare_digest(session.watch_token.encode(), watch_token.encode()):
+            raise UnknownSessionError(UnknownSessionError.WATCH)
+        return session
+
     def detach(self, session: Session, owner: SessionOwner) -> None:
         """``owner``'s connection is gone: keep the session ``resume_window_s``, then end it."""
         if session.owner is not owner or session.state is SessionState.ENDED:
@@ -269,6 +285,8 @@ class SessionManager:
             session.expiry = None
         self._sessions.pop(session.id, None)
         self.worker.release_session(session.id)
+        for watcher in session.watchers:
+            watcher.end()
         self._update_gauges()
         session.log.info("session ended: {} ({} steps)", reason, session.steps)
 
