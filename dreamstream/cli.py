@@ -1,4 +1,4 @@
-"""``dreamstream`` command line: ``serve``, ``rollout``, ``play``, ``loadtest``.
+"""``dreamstream`` command line: ``serve``, ``rollout``, ``replay``, ``play``, ``loadtest``.
 
 Each subcommand lives with the part it belongs to; this module only dispatches. Imports are lazy,
 so ``dreamstream play`` does not load torch, and a command whose extra is not installed says how
@@ -28,6 +28,9 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("server.serve", "Run the WebSocket inference server", extra="server"),
     "rollout": Command(
         "dreamstream.rollout", "Run a pipeline in-process and save its frames (no server)", extra="server"
+    ),
+    "replay": Command(
+        "dreamstream.replay", "Re-render a recorded session in-process (no server)", extra="server"
     ),
     "play": Command("clients.play", "Headless client: run N steps against a server and save a video"),
     "loadtest": Command("clients.loadtest.cli", "Many concurrent sessions with SLO metrics"),
