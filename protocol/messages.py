@@ -15,7 +15,7 @@ import math
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
 from protocol.constants import PROTOCOL_VERSION
 from protocol.errors import ErrorCode, ProtocolError, describe_validation_error, shorten
@@ -39,6 +39,7 @@ class StartMessage(_Message):
     codec: CodecName | None = None
     quality: StrictInt | None = Field(None, ge=1, le=100, description="JPEG quality")
     options: dict[str, Any] | None = Field(None, description="Pipeline start options")
+    record: StrictBool | None = Field(None, description="Ask the server to record this session")
 
 
 class ResumeMessage(_Message):
@@ -94,6 +95,8 @@ class ReadyMessage(BaseModel):
     codec: CodecName
     next_step: int
     max_inflight: int
+    recording: bool = False
+    """The server records this session (see docs/recording.md)."""
     action_schema: dict[str, Any]
     options_schema: dict[str, Any]
 

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
+from pipeline.fingerprint import pipeline_identity
 from pipeline.registry import load_pipeline
 from pipeline.served import ServedPipeline, as_served
 from protocol import PROTOCOL_VERSION, STREAM_PATH, Codec
@@ -35,6 +36,7 @@ from server.connection import Connection
 from server.context import ServerContext
 from server.limits import effective_max_connections, normalize_ip
 from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.recording import Recorder
 from server.sessions import CLIENT_ADDRESS, SessionManager
 from server.timeline import Timeline
 from server.worker import (
@@ -53,12 +55,29 @@ class WarmupError(RuntimeError):
     """The start-up step (generate + finalize + encode) failed; the server cannot serve."""
 
 
-def load_served_pipeline(config: ServerConfig) -> ServedPipeline:
-    """``load_pipeline(config.pipeline, **overrides)``; ``device`` is passed unless ``auto``."""
+def pipeline_overrides(config: ServerConfig) -> dict[str, Any]:
+    """What ``load_pipeline`` gets besides the name: ``--set`` values, and ``device`` unless ``auto``."""
     overrides = dict(config.pipeline_overrides)
     if config.device != "auto":
         overrides.setdefault("device", config.device)
-    return as_served(load_pipeline(config.pipeline, **overrides), config.pipeline)
+    return overrides
+
+
+def load_served_pipeline(config: ServerConfig) -> ServedPipeline:
+    """``load_pipeline(config.pipeline, **overrides)`` as a :class:`ServedPipeline`."""
+    return as_served(load_pipeline(config.pipeline, **pipeline_overrides(config)), config.pipeline)
+
+
+async def start_recorder(config: ServerConfig, pipeline: ServedPipeline) -> Recorder | None:
+    """The session recorder of ``--record-dir`` (started), or ``None``."""
+    if config.record_dir is None:
+        return None
+    overrides = pipeline_overrides(config)
+    identity = await asyncio.to_thread(pipeline_identity, pipeline, config.pipeline, overrides)
+    recorder = Recorder(Path(config.record_dir), identity, max_steps=config.record_max_steps)
+    recorder.start()
+    logger.info("recording {} sessions into {}", config.record_policy, config.record_dir)
+    return recorder
 
 
 def cpu_cores() -> int:
@@ -127,6 +146,7 @@ async def build_context(config: ServerConfig) -> ServerContext:
         codec=FrameCodec(config.codec_threads, config.png_level),
         metrics=metrics,
         timeline=timeline,
+        recorder=await start_recorder(config, pipeline),
     )
 
 
@@ -235,6 +255,8 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             ctx.sessions.end_all("server stopped")
             await asyncio.to_thread(ctx.worker.stop)  # returns at once if the worker failed
             ctx.codec.close()
+            if ctx.recorder is not None:
+                await asyncio.to_thread(ctx.recorder.close)
 
     # No OpenAPI pages (/docs, /redoc, /openapi.json): the HTTP API is documented in docs/protocol.md.
     app = FastAPI(

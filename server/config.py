@@ -107,6 +107,13 @@ class ServerConfig(BaseSettings):
     """Minimum log level."""
     debug_timeline: bool = False
     """Serve the device worker's recent events at /debug/timeline."""
+    record_dir: str | None = None
+    """Write a recording of each session (JSON Lines, docs/recording.md; replay it with
+    'dreamstream replay') into this directory. None: no recordings."""
+    record_policy: Literal["all", "requested"] = "all"
+    """With record_dir: record every session (all), or only those whose start asks (record: true)."""
+    record_max_steps: int = Field(default=100_000, ge=1)
+    """Steps recorded per session at most (then its recording stops, saying so)."""
     timeline_size: int = Field(default=4096, ge=16)
     """Events kept by the worker timeline."""
     max_message_bytes: int = Field(default=65536, ge=256)

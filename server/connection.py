@@ -90,6 +90,8 @@ class _PendingStep:
     t_received: float
     client_ts: float | None
     result: asyncio.Future[StepResult]
+    action: BaseModel | None = None
+    """The validated action (for the session's recording)."""
 
 
 class Connection:
@@ -395,6 +397,11 @@ class Connection:
                 f"this server serves pipeline {ctx.pipeline_name!r}, not {shorten(msg.pipeline)}; omit "
                 "'pipeline' or give that name",
             )
+        if msg.record and ctx.recorder is None:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                "this server does not record sessions (it runs without --record-dir); omit 'record'",
+            )
         io = ctx.pipeline.io
         options = await self._validate_options(msg.options)
         self._check_admitting()  # again: the server may have begun draining meanwhile
@@ -427,6 +434,10 @@ class Connection:
         if self._closing:  # the connection ended while the cache was being made
             ctx.sessions.end(session, "connection closed during start")
             return
+        if ctx.recorder is not None and (msg.record or self.config.record_policy == "all"):
+            session.recording = ctx.recorder.open(
+                session.id, options=options, seed=seed, codec=codec, quality=quality
+            )
         self._attach(session)
         await self._send_ready(session)
 
@@ -523,6 +534,7 @@ class Connection:
                 codec=session.codec.wire_name,  # type: ignore[arg-type]
                 next_step=session.next_step,
                 max_inflight=self.config.max_inflight,
+                recording=session.recording is not None and session.recording.active,
                 action_schema=self.ctx.action_schema(),
                 options_schema=self.ctx.options_schema(),
             )
@@ -579,7 +591,7 @@ class Connection:
         session.touch()
         self.inflight += 1
         self._idle_inflight.clear()
-        self._pending.put_nowait(_PendingStep(msg.step, now, msg.client_ts, future))
+        self._pending.put_nowait(_PendingStep(msg.step, now, msg.client_ts, future, action))
 
     async def _on_end(self) -> None:
         session, self.session = self.session, None
@@ -662,6 +674,8 @@ class Connection:
         session.bytes_sent += sent_bytes
         session.last_sent_step = pending.step
         session.touch()
+        if session.recording is not None:
+            session.recording.step(pending.step, pending.action, pending.t_received, timing, result.batch)
         if session.watchers:  # the same bytes, once per watcher's queue (never waits)
             item = WatchedStep(pending.step, messages, timing, t_sent)
             for watcher in session.watchers:

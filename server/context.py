@@ -20,6 +20,7 @@ from pipeline.served import ServedPipeline
 from server.codec import FrameCodec
 from server.config import ServerConfig
 from server.metrics import ServerMetrics
+from server.recording import Recorder
 from server.sessions import SessionManager
 from server.timeline import Timeline
 from server.worker import DeviceWorker
@@ -45,6 +46,8 @@ class ServerContext:
     codec: FrameCodec
     metrics: ServerMetrics
     timeline: Timeline
+    recorder: Recorder | None = None
+    """Writes session recordings (``--record-dir``), or ``None``."""
     connections: set[Connection] = field(default_factory=set)
     ready: bool = False
     """Model loaded and warmed up (``/readyz``)."""

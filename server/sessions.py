@@ -35,6 +35,7 @@ from pipeline.io import StreamSpec
 from protocol import Codec, ErrorCode, ProtocolError
 from server.errors import OverloadedError, UnknownSessionError
 from server.metrics import ServerMetrics
+from server.recording import SessionRecording
 from server.watchers import Watcher
 from server.worker import DeviceWorker, resolve_in_loop
 
@@ -91,6 +92,8 @@ class Session:
     watch_token: str = field(default_factory=lambda: secrets.token_urlsafe(WATCH_TOKEN_BYTES))
     watchers: set[Watcher] = field(default_factory=set)
     """The queues of the connections watching it (told when it ends)."""
+    recording: SessionRecording | None = None
+    """Its recording (``--record-dir``), closed when it ends; kept across resumes."""
     last_sent_step: int = -1
     """The latest step whose frames went to the player (a new watcher sees the ones after)."""
 
@@ -287,6 +290,8 @@ class SessionManager:
         self.worker.release_session(session.id)
         for watcher in session.watchers:
             watcher.end()
+        if session.recording is not None:
+            session.recording.close(reason)
         self._update_gauges()
         session.log.info("session ended: {} ({} steps)", reason, session.steps)
 
