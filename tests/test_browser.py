@@ -6,6 +6,7 @@ download). Skipped with the reason when chromium or playwright is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -56,15 +57,31 @@ def server(module_server_factory: ServerFactory) -> RunningServer:
     return module_server_factory(codec="jpeg", pipeline_overrides={"generate_ms": 1})
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+@contextlib.contextmanager
+def open_page(browser: Any) -> Iterator[Any]:
+    """A page in a fresh browser context (a person of its own); no uncaught page errors allowed."""
     context = browser.new_context(viewport={"width": 1100, "height": 720})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield pg
-    context.close()
+    try:
+        yield pg
+    finally:
+        context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    with open_page(browser) as pg:
+        yield pg
+
+
+@pytest.fixture
+def watcher_page(browser: Any) -> Iterator[Any]:
+    """A second person's page, in the same browser."""
+    with open_page(browser) as pg:
+        yield pg
 
 
 def canvas_signature(page: Any) -> list[int]:
@@ -222,3 +239,60 @@ def test_tiny_world_controls_from_schema(page: Any, server_factory: ServerFactor
     page.wait_for_function("window.dreamstream.lastAction.move === 'left'", timeout=10_000)
     page.keyboard.up("a")
     page.wait_for_function("window.dreamstream.lastAction.move !== 'left'", timeout=10_000)
+
+
+def test_share_link_shows_the_session_read_only(page: Any, watcher_page: Any, server: RunningServer) -> None:
+    """The player's Share yields a watch link; opened elsewhere it streams the session read-only with its
+    own stats, the player sees the viewer, and the watcher learns when the player ends the session."""
+    page.goto(f"{server.base_url}/?seed=9")
+    wait_frames(page, 2)
+    assert page.is_hidden("#share-box")
+    page.click("#share")
+    assert page.is_visible("#share-link")
+    link = page.input_value("#share-link")
+    session = page.evaluate("window.dreamstream.sessionId")
+    assert link.startswith(f"{server.base_url}/?watch={session}&wt="), link
+
+    watcher_page.goto(link)
+    watcher_page.wait_for_function("window.dreamstream.connection === 'watching'", timeout=15_000)
+    wait_frames(watcher_page, 3)
+    first = canvas_signature(watcher_page)
+    drawn = watcher_page.evaluate("window.dreamstream.counters.framesDrawn")
+    wait_frames(watcher_page, drawn + 5)
+    assert canvas_signature(watcher_page) != first, "the watcher's canvas did not change between frames"
+    watcher_page.wait_for_function(
+        "document.getElementById('ov-behind').textContent.endsWith('ms')"
+        " && Number(document.getElementById('ov-viewers').textContent) >= 1"
+        " && document.getElementById('ov-fps').textContent.endsWith('/ 30')",
+        timeout=10_000,
+    )
+    assert watcher_page.inner_text("#ov-dropped").isdigit()
+    assert watcher_page.evaluate("window.dreamstream.watch.sessionId") == session
+    assert watcher_page.is_hidden("#error")
+
+    # read-only: nothing that acts is there or enabled, and keys send nothing
+    assert watcher_page.locator("#actions button").count() == 0
+    assert watcher_page.is_hidden("#start") and watcher_page.is_disabled("#start")
+    enabled = watcher_page.locator("#panel button:enabled, #panel input:enabled, #panel select:enabled")
+    assert enabled.count() == 0
+    watcher_page.keyboard.press("ArrowRight")
+    assert watcher_page.evaluate("window.dreamstream.counters.stepsSent") == 0
+
+    page.wait_for_function("document.getElementById('ov-viewers').textContent === '1'", timeout=10_000)
+    assert page.evaluate("window.dreamstream.watchers") == 1
+
+    page.click("#stop")
+    watcher_page.wait_for_function("window.dreamstream.watch.ended === true", timeout=15_000)
+    assert "ended" in watcher_page.inner_text("#conn")
+    assert "ended" in watcher_page.inner_text("#watch-status")
+    assert watcher_page.evaluate("window.dreamstream.connection") == "ended"
+    assert watcher_page.is_hidden("#error")
+    assert page.is_disabled("#share") and page.is_hidden("#share-box")  # no session, nothing to share
+
+
+def test_watch_link_of_an_unknown_session_shows_the_error(page: Any, server: RunningServer) -> None:
+    page.goto(f"{server.base_url}/?watch=nosuchsession&wt=nosuchtoken")
+    page.wait_for_selector("#error", state="visible", timeout=15_000)
+    assert "unknown_session" in page.inner_text("#error")
+    assert page.evaluate("window.dreamstream.connection") == "error"
+    assert page.evaluate("window.dreamstream.counters.stepsSent") == 0

@@ -9,8 +9,17 @@
 // - Controls are built from ready.action_schema: enum properties become a button pad (WASD and
 //   arrows map to up/left/down/right and diagonals), integer/number properties become inputs
 //   that arrows nudge.
+// - Share: a player's page offers a watch link (`?watch=<session_id>&wt=<watch_token>`); a page
+//   opened with one is a read-only spectator (`watch` → `watching`, then the session's frames,
+//   drawn by the same code) with its own stats: fps, steps dropped, latency behind the player,
+//   viewers. Its controls are disabled and hidden.
 // - `window.dreamstream` exposes state and counters for tests and debugging.
 "use strict";
+
+// Query parameters of a watch link (protocol/constants.py WATCH_LINK_SESSION_PARAM and
+// WATCH_LINK_TOKEN_PARAM): /?watch=<session_id>&wt=<watch_token>[&token=<server token>]
+const WATCH_LINK_SESSION_PARAM = "watch";
+const WATCH_LINK_TOKEN_PARAM = "wt";
 
 (() => {
   const $ = (id) => document.getElementById(id);
@@ -19,32 +28,43 @@
     seed: $("seed"), randomSeed: $("random-seed"), start: $("start"), stop: $("stop"),
     codec: $("codec"), actions: $("actions"), actionNow: $("action-now"), options: $("options"),
     fps: $("ov-fps"), latency: $("ov-latency"), pct: $("ov-pct"), ttff: $("ov-ttff"),
-    inflight: $("ov-inflight"), step: $("ov-step"),
+    inflight: $("ov-inflight"), step: $("ov-step"), viewers: $("ov-viewers"),
+    behind: $("ov-behind"), dropped: $("ov-dropped"), playPanel: $("play-panel"),
+    share: $("share"), shareBox: $("share-box"), shareLink: $("share-link"), shareCopy: $("share-copy"),
+    watchStatus: $("watch-status"), playOwn: $("play-own"),
   };
   const ctx = els.canvas.getContext("2d");
   const params = new URLSearchParams(location.search);
+  const WATCH = params.has(WATCH_LINK_SESSION_PARAM);  // a watch link's page: read-only spectator
   const HEADER_BYTES = 16;
   const CODEC_MIME = { 1: "image/jpeg", 2: "image/png" };
   const FATAL_NO_RESUME = new Set(["idle_timeout", "internal", "overloaded", "too_large", "unknown_session"]);
   const MIN_LEAD_STEPS = 2;  // steps kept ahead of the display (in flight + decoded, waiting)
   const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 5000];
   const MAX_RECONNECTS = 20;
+  const BEHIND_EMA_WEIGHT = 0.1;     // weight of a new step in the moving average of behind_ms
+  const WATCH_MAX_QUEUED_FRAMES = 8; // a spectator skips the oldest frames beyond this many waiting
 
   const dbg = {
-    connection: "idle",     // idle | connecting | ready | reconnecting | closed | error
+    mode: WATCH ? "watch" : "play",
+    connection: "idle",     // idle | connecting | ready | watching | reconnecting | ended | closed | error
     lastAction: null,       // action of the last step sent
     lastError: null,        // {code, message, step, fatal} or {code: "connection", ...}
     ready: null,            // last ready message
     sessionId: null,
     counters: { stepsSent: 0, stepsDone: 0, framesReceived: 0, framesDrawn: 0, errors: 0,
-                reconnects: 0, resumes: 0, restarts: 0, underruns: 0 },
+                reconnects: 0, resumes: 0, restarts: 0, underruns: 0, framesSkipped: 0 },
     latencyMs: null, ttffMs: null, fps: 0, inflight: 0, nextStep: 0,
     latencies: [],
+    watchers: null,         // connections watching the session (last step_done / watching)
+    watch: WATCH ? { sessionId: params.get(WATCH_LINK_SESSION_PARAM), steps: 0, lastStep: null,
+                     dropped: 0, behindMs: null, ended: false } : null,
   };
   window.dreamstream = dbg;
 
   let ws = null;
-  let ready = null;
+  let ready = null;            // the player's `ready` (null on a watch link's page)
+  let watching = null;         // the spectator's `watching` of the current connection
   let schema = null;
   let wantRunning = false;     // user pressed Start and not Stop
   let startedAt = 0;           // performance.now() when Start was pressed (for time to first frame)
@@ -253,7 +273,7 @@
   }
 
   document.addEventListener("keydown", (e) => {
-    if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+    if (WATCH || e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
     const dir = KEYMAP[e.key.toLowerCase()];
     if (!dir) return;
     e.preventDefault();
@@ -273,6 +293,7 @@
     els.conn.textContent = text || state;
     els.start.disabled = wantRunning;
     els.stop.disabled = !wantRunning;
+    updateShare();
   }
 
   function showError(code, message, extra) {
@@ -295,16 +316,29 @@
     const now = performance.now();
     while (drawTimes.length && now - drawTimes[0] > 1000) drawTimes.shift();
     dbg.fps = drawTimes.length;
+    const stream = ready || watching;
+    els.fps.textContent = stream ? `${dbg.fps} / ${stream.fps}` : "–";
+    els.ttff.textContent = fmtMs(dbg.ttffMs);
+    els.viewers.textContent = dbg.watchers === null ? "–" : String(dbg.watchers);
+    if (WATCH) updateWatchOverlay(); else updatePlayerOverlay();
+  }
+
+  function updatePlayerOverlay() {
     dbg.inflight = inflight.size;
     dbg.nextStep = nextStep;
-    els.fps.textContent = ready ? `${dbg.fps} / ${ready.fps}` : "–";
     els.latency.textContent = fmtMs(dbg.latencyMs);
     const sorted = [...dbg.latencies].sort((a, b) => a - b);
     const p50 = percentile(sorted, 0.5), p99 = percentile(sorted, 0.99);
     els.pct.textContent = p50 === null ? "–" : `${p50.toFixed(1)} / ${p99.toFixed(1)} ms`;
-    els.ttff.textContent = fmtMs(dbg.ttffMs);
     els.inflight.textContent = ready ? `${inflight.size} / ${ready.max_inflight}` : "–";
     els.step.textContent = ready ? String(nextStep) : "–";
+  }
+
+  function updateWatchOverlay() {
+    const w = dbg.watch;
+    els.behind.textContent = fmtMs(w.behindMs);
+    els.dropped.textContent = watching || w.steps ? String(w.dropped) : "–";
+    els.step.textContent = w.lastStep === null ? "–" : String(w.lastStep);
   }
   setInterval(updateOverlay, 250);
 
@@ -331,6 +365,7 @@
   }
 
   function start() {
+    if (WATCH) return;  // a spectator's page never drives a session
     stop(false);
     wantRunning = true;
     clearError();
@@ -359,7 +394,7 @@
       if (sendEnd && sock.readyState === WebSocket.OPEN && ready) sock.send(JSON.stringify({ type: "end" }));
       setTimeout(() => { try { sock.close(1000); } catch (e) { /* already closed */ } }, sendEnd ? 200 : 0);
     }
-    ready = null; dbg.ready = null; dbg.sessionId = null;
+    ready = null; dbg.ready = null; dbg.sessionId = null; dbg.watchers = null;
     inflight.clear(); playout.length = 0;
     setConn("idle", "stopped");
   }
@@ -371,11 +406,12 @@
     openSocket((sock) => sock.send(JSON.stringify({ type: "resume", session_id, resume_token })));
   }
 
-  function scheduleReconnect(reason) {
-    if (!wantRunning || !dbg.ready) return;
+  // retry after a backoff: `resume` (a player) or `watch` again (a spectator)
+  function scheduleReconnect(reason, retry) {
     if (reconnectAttempt >= MAX_RECONNECTS) {
       wantRunning = false;
-      showError("connection", `gave up after ${MAX_RECONNECTS} reconnect attempts (${reason}); press Start`);
+      const hint = WATCH ? "reload the page to watch again" : "press Start";
+      showError("connection", `gave up after ${MAX_RECONNECTS} reconnect attempts (${reason}); ${hint}`);
       setConn("error", "disconnected");
       return;
     }
@@ -384,10 +420,15 @@
     dbg.counters.reconnects += 1;
     setConn("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
     clearTimeout(reconnectTimer);
-    reconnectTimer = setTimeout(resume, delay);
+    reconnectTimer = setTimeout(retry, delay);
+  }
+
+  function closeReason(ev) {
+    return `connection closed (code ${ev.code}${ev.reason ? ", " + ev.reason : ""})`;
   }
 
   function onClose(ev) {
+    if (WATCH) { onWatchClose(ev); return; }
     ws = null;
     stopPacing();
     for (const [k] of inflight) nextStep = Math.min(nextStep, k);
@@ -395,7 +436,7 @@
     const fatal = dbg.lastError && dbg.lastError.fatal && FATAL_NO_RESUME.has(dbg.lastError.code);
     if (fatal) { wantRunning = false; setConn("error", dbg.lastError.code); return; }
     if (!wantRunning) { setConn("idle", "stopped"); return; }
-    const why = `connection closed (code ${ev.code}${ev.reason ? ", " + ev.reason : ""})`;
+    const why = closeReason(ev);
     if (!dbg.ready) {
       wantRunning = false;
       showError("connection", `${why}: is the server running at ${location.host}?`);
@@ -405,7 +446,7 @@
     if (!(dbg.lastError && dbg.lastError.code === "shutting_down")) {
       showError("connection", `${why}; reconnecting and resuming session ${dbg.ready.session_id.slice(0, 8)}…`);
     }
-    scheduleReconnect(why);
+    scheduleReconnect(why, resume);
   }
 
   function onMessage(ev) {
@@ -414,10 +455,11 @@
     try { msg = JSON.parse(ev.data); } catch (e) { showError("protocol", "server sent invalid JSON"); return; }
     switch (msg.type) {
       case "ready": onReady(msg); break;
+      case "watching": onWatching(msg); break;
       case "step_done": onStepDone(msg); break;
-      case "error": onServerError(msg); break;
+      case "error": if (WATCH) onWatchError(msg); else onServerError(msg); break;
       case "pong": break;
-      case "ended": break;
+      case "ended": if (WATCH) onWatchEnded(); break;
       default: showError("protocol", `unknown message type ${msg.type}`);
     }
   }
@@ -428,13 +470,18 @@
     nextStep = msg.next_step;
     reconnectAttempt = 0;
     if (resumed) { dbg.counters.resumes += 1; clearError(); }
+    showStream(msg);
+    if (!schema || JSON.stringify(schema) !== JSON.stringify(msg.action_schema)) buildControls(msg.action_schema);
+    setConn("ready", resumed ? "ready (resumed)" : "ready");
+    startPacing();
+  }
+
+  // the stream's description (`ready` or `watching`): canvas size and the header line
+  function showStream(msg) {
     if (els.canvas.width !== msg.width || els.canvas.height !== msg.height) {
       els.canvas.width = msg.width; els.canvas.height = msg.height;
     }
     els.pipeline.textContent = `${msg.pipeline} · ${msg.width}×${msg.height} · ${msg.fps} fps · ${msg.codec}`;
-    if (!schema || JSON.stringify(schema) !== JSON.stringify(msg.action_schema)) buildControls(msg.action_schema);
-    setConn("ready", resumed ? "ready (resumed)" : "ready");
-    startPacing();
   }
 
   // ---- stepping (pipelined, paced at the stream's fps) -----------------------------------
@@ -444,7 +491,12 @@
     stopPacing();
     pump();
     stepTimer = setInterval(pump, stepPeriodMs());
-    drawTimer = setInterval(draw, 1000 / ready.fps);
+    startDrawing(ready.fps);
+  }
+
+  function startDrawing(fps) {
+    clearInterval(drawTimer);
+    drawTimer = setInterval(draw, 1000 / fps);
   }
 
   function stopPacing() {
@@ -469,6 +521,11 @@
   }
 
   function onStepDone(msg) {
+    if (typeof msg.watchers === "number") dbg.watchers = msg.watchers;
+    if (WATCH) onWatchedStep(msg); else onOwnStep(msg);
+  }
+
+  function onOwnStep(msg) {
     const entry = inflight.get(msg.step);
     inflight.delete(msg.step);
     dbg.counters.stepsDone += 1;
@@ -512,12 +569,24 @@
     const codec = v.getUint8(3), step = v.getUint32(4, true);
     const width = v.getUint16(12, true), height = v.getUint16(14, true);
     dbg.counters.framesReceived += 1;
-    const item = { bitmap: null, failed: false, step, receivedAt: now };
+    const item = { bitmap: null, failed: false, skipped: false, step, receivedAt: now };
     playout.push(item);
+    if (WATCH) skipOldFrames(WATCH_MAX_QUEUED_FRAMES);
     decode(codec, buf, width, height).then(
-      (bmp) => { item.bitmap = bmp; if (!firstFrameShown) draw(); },
+      (bmp) => { if (item.skipped) { bmp.close(); return; } item.bitmap = bmp; if (!firstFrameShown) draw(); },
       (err) => { item.failed = true; showError("decode", String(err)); },
     );
+  }
+
+  // A spectator cannot pace the stream: when frames arrive faster than they are drawn, skip the
+  // oldest waiting ones rather than fall further behind the player.
+  function skipOldFrames(max) {
+    while (playout.length > max) {
+      const old = playout.shift();
+      old.skipped = true;
+      if (old.bitmap) old.bitmap.close();
+      dbg.counters.framesSkipped += 1;
+    }
   }
 
   function decode(codec, buf, width, height) {
@@ -551,31 +620,158 @@
     }
   }
 
+  // ---- share: a watch link to this session -----------------------------------------------
+  let shareOpen = false;       // the user asked for the link (Share)
+
+  // the link while this page drives a session whose `ready` has a watch_token, else null
+  function watchLink() {
+    const r = dbg.ready;
+    if (WATCH || !wantRunning || !r || !r.watch_token) return null;
+    const q = new URLSearchParams({ [WATCH_LINK_SESSION_PARAM]: r.session_id, [WATCH_LINK_TOKEN_PARAM]: r.watch_token });
+    if (params.has("token")) q.set("token", params.get("token"));
+    return `${location.origin}${location.pathname}?${q}`;
+  }
+
+  function updateShare() {
+    const link = watchLink();
+    els.share.disabled = !link;
+    els.share.setAttribute("aria-expanded", String(Boolean(shareOpen && link)));
+    els.shareBox.hidden = !(shareOpen && link);
+    els.shareLink.value = link || "";
+  }
+
+  function toggleShare() {
+    shareOpen = !shareOpen;
+    updateShare();
+    if (shareOpen) els.shareLink.select();
+  }
+
+  function copyShareLink() {
+    const link = els.shareLink.value;
+    if (!link) return;
+    els.shareLink.select();
+    const done = (ok) => {
+      els.shareCopy.textContent = ok ? "copied" : "press Ctrl+C";
+      setTimeout(() => { els.shareCopy.textContent = "copy"; }, 1500);
+    };
+    const legacyCopy = () => { try { return document.execCommand("copy"); } catch (e) { return false; } };
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+      navigator.clipboard.writeText(link).then(() => done(true), () => done(legacyCopy()));
+    } else done(legacyCopy());
+  }
+
+  // ---- watching: a watch link's page (read-only spectator) ---------------------------------
+  function watch() {
+    watching = null;
+    if (!reconnectAttempt) { startedAt = performance.now(); setConn("connecting"); }
+    else setConn("reconnecting", `watching again (try ${reconnectAttempt})`);
+    els.watchStatus.textContent = reconnectAttempt ? "Connection lost; watching again…" : "Connecting…";
+    const msg = { type: "watch", session_id: dbg.watch.sessionId,
+                  watch_token: params.get(WATCH_LINK_TOKEN_PARAM) || "" };
+    openSocket((sock) => sock.send(JSON.stringify(msg)));
+  }
+
+  function onWatching(msg) {
+    watching = msg;
+    reconnectAttempt = 0;
+    dbg.watchers = msg.watchers;
+    clearError();
+    showStream(msg);
+    setConn("watching", "watching");
+    els.watchStatus.textContent = `Watching session ${msg.session_id.slice(0, 8)}… live from step ${msg.next_step}.`;
+    startDrawing(msg.fps);
+  }
+
+  function onWatchedStep(msg) {
+    const w = dbg.watch;
+    dbg.counters.stepsDone += 1;
+    w.steps += 1;
+    w.lastStep = msg.step;
+    w.dropped += msg.dropped || 0;
+    if (typeof msg.behind_ms === "number") {
+      w.behindMs = w.behindMs === null ? msg.behind_ms : w.behindMs + BEHIND_EMA_WEIGHT * (msg.behind_ms - w.behindMs);
+    }
+  }
+
+  function onWatchEnded() {
+    dbg.watch.ended = true;
+    setConn("ended", "session ended");
+    els.watchStatus.textContent = "The session has ended.";
+  }
+
+  // a refused `watch` (unknown_session: wrong link or session over; overloaded: too many
+  // watchers) or a fatal error: show it and stay disconnected
+  function onWatchError(msg) {
+    showError(msg.code, msg.message, { step: msg.step, fatal: msg.fatal });
+    if (watching && !msg.fatal) return;
+    detachWatcher();
+    setConn("error", msg.code);
+    els.watchStatus.textContent = msg.code === "unknown_session"
+      ? "Not watching: the session has ended, or the link is wrong." : `Not watching (${msg.code}).`;
+  }
+
+  // no longer connected: stop drawing, forget the viewer count, close (if still open)
+  function detachWatcher() {
+    const sock = ws;
+    ws = null;
+    stopPacing();
+    dbg.watchers = null;
+    if (sock) sock.close(1000);
+  }
+
+  function onWatchClose(ev) {
+    detachWatcher();
+    if (dbg.watch.ended) return;  // `ended` came first: the page says so already
+    const why = closeReason(ev);
+    if (dbg.lastError && dbg.lastError.fatal) { setConn("error", dbg.lastError.code); return; }
+    if (!watching && !reconnectAttempt) {
+      showError("connection", `${why}: is the server running at ${location.host}?`);
+      setConn("error", "closed");
+      return;
+    }
+    showError("connection", `${why}; watching again…`);
+    scheduleReconnect(why, watch);
+  }
+
   // ---- wiring ----------------------------------------------------------------------------
   els.start.addEventListener("click", start);
   els.stop.addEventListener("click", () => stop(true));
   els.randomSeed.addEventListener("click", () => { els.seed.value = String(Math.floor(Math.random() * 1e6)); });
+  els.share.addEventListener("click", toggleShare);
+  els.shareCopy.addEventListener("click", copyShareLink);
   dbg.start = start;
   dbg.stop = () => stop(true);
   dbg.currentAction = () => currentAction(false);
   // simulate a dropped connection (no `end`): the page must resume the same session
   dbg.debugDrop = () => { if (ws) ws.close(4000, "debug drop"); };
 
-  if (params.has("seed")) els.seed.value = params.get("seed");
-  if (params.has("codec")) els.codec.value = params.get("codec");
+  // ---- page start: a player's page, or a watch link's ------------------------------------
+  function initPlayer() {
+    if (params.has("seed")) els.seed.value = params.get("seed");
+    if (params.has("codec")) els.codec.value = params.get("codec");
+    // /v1/info needs the token when the server has one (the header keeps it out of access logs)
+    const infoHeaders = params.has("token") ? { Authorization: `Bearer ${params.get("token")}` } : {};
+    fetch("v1/info", { headers: infoHeaders }).then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`)))).then(
+      (info) => {
+        els.pipeline.textContent = `${info.pipeline} · ${info.stream ? `${info.stream.width}×${info.stream.height}` : ""}`;
+        if (info.options_schema) buildOptions(info.options_schema);
+        if (info.action_schema) buildControls(info.action_schema);
+        if (info.default_codec && !params.has("codec")) els.codec.value = info.default_codec === "raw" ? "jpeg" : info.default_codec;
+      },
+      (err) => showError("connection", `cannot reach the server's /v1/info (${err.message})`),
+    ).finally(() => {
+      setConn("idle");
+      if (params.get("autostart") !== "0") start();
+    });
+  }
 
-  // /v1/info needs the token when the server has one (the header keeps it out of access logs)
-  const infoHeaders = params.has("token") ? { Authorization: `Bearer ${params.get("token")}` } : {};
-  fetch("v1/info", { headers: infoHeaders }).then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`)))).then(
-    (info) => {
-      els.pipeline.textContent = `${info.pipeline} · ${info.stream ? `${info.stream.width}×${info.stream.height}` : ""}`;
-      if (info.options_schema) buildOptions(info.options_schema);
-      if (info.action_schema) buildControls(info.action_schema);
-      if (info.default_codec && !params.has("codec")) els.codec.value = info.default_codec === "raw" ? "jpeg" : info.default_codec;
-    },
-    (err) => showError("connection", `cannot reach the server's /v1/info (${err.message})`),
-  ).finally(() => {
-    setConn("idle");
-    if (params.get("autostart") !== "0") start();
-  });
+  function initWatcher() {
+    els.playPanel.disabled = true;  // every control that acts, including ones built later
+    if (params.has("token")) els.playOwn.search = `?token=${encodeURIComponent(params.get("token"))}`;
+    els.pipeline.textContent = "watching";
+    watch();
+  }
+
+  document.body.dataset.mode = dbg.mode;
+  if (WATCH) initWatcher(); else initPlayer();
 })();
