@@ -21,8 +21,8 @@ from loguru import logger
 
 REDACTED = "***"
 _REDACTIONS = (
-    # token=..., resume_token=..., access_token=... in query strings and key=value text
-    re.compile(r"(?i)([a-z_]*token=)[^&\s\"'#\\;,)]+"),
+    # token=..., resume_token=..., access_token=..., wt=... (a watch link) in query strings and text
+    re.compile(r"(?i)((?:[a-z_]*token|\bwt)=)[^&\s\"'#\\;,)]+"),
     # "token": "...", 'resume_token': '...' (JSON, reprs)
     re.compile(r"(?i)([\"'][a-z_]*token[\"']\s*:\s*[\"'])[^\"'\\]+"),
     # Authorization: <scheme> ..., "authorization": "Basic ..." (headers, JSON, reprs)

@@ -113,12 +113,22 @@ async def test_tokens_never_reach_the_log(server_factory: ServerFactory, json_lo
         # a resume with a wrong token for a known id: its message is answered and logged
         await c.send({"type": "resume", "session_id": ready["session_id"], "resume_token": WRONG})
         await c.expect_error("unknown_session")
-    for path in (f"/v1/info?token={WRONG}", f"/v1/info?token={TOKEN}", f"/debug/timeline?token={TOKEN}"):
+        await c.send(
+            {"type": "watch", "session_id": ready["session_id"], "watch_token": ready["watch_token"]}
+        )
+        assert (await c.recv_json())["type"] == "watching"  # logged at DEBUG with its payload
+    watch_link = f"/?watch={ready['session_id']}&wt={ready['watch_token']}&token={TOKEN}"
+    for path in (
+        f"/v1/info?token={WRONG}",
+        f"/v1/info?token={TOKEN}",
+        f"/debug/timeline?token={TOKEN}",
+        watch_link,
+    ):
         srv.get(path)
     assert srv.terminate() == 0
     log = srv.log()
     assert "token=***" in log  # uvicorn's handshake line was there, redacted
-    for secret in (TOKEN, WRONG, ready["resume_token"]):
+    for secret in (TOKEN, WRONG, ready["resume_token"], ready["watch_token"]):
         assert secret not in log, f"{secret!r} is in the log"
 
 
