@@ -1,4 +1,4 @@
-"""dreamstream clients: Python library (async + sync), ``play``, ``loadtest`` and the web demo."""
+"""dreamstream clients: Python library (async + sync), ``play``, ``watch``, ``loadtest`` and the web demo."""
 
 from clients.errors import (
     ClientError,
@@ -9,7 +9,8 @@ from clients.errors import (
     StepTimeoutError,
     StreamError,
 )
-from clients.stream import AsyncStreamClient, FramePacket, StepResult, stream_url
+from clients.links import WatchLink, parse_watch_link, watch_link
+from clients.stream import AsyncStreamClient, FramePacket, StepResult, WatchedStep, WatchStream, stream_url
 from clients.sync import StreamClient
 
 __all__ = [
@@ -24,5 +25,10 @@ __all__ = [
     "StepTimeoutError",
     "StreamClient",
     "StreamError",
+    "WatchLink",
+    "WatchStream",
+    "WatchedStep",
+    "parse_watch_link",
     "stream_url",
+    "watch_link",
 ]

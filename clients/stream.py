@@ -3,7 +3,13 @@
 One :class:`AsyncStreamClient` drives one session over one WebSocket. A single receive task reads
 every message and dispatches it: binary frames are collected per step, ``step_done`` completes
 the step's future, ``error`` fails the request it is about (typed :class:`StreamError` carrying
-the server's code), ``ready`` / ``pong`` / ``ended`` complete the pending request.
+the server's code), ``ready`` / ``watching`` / ``pong`` / ``ended`` complete the pending request.
+
+A client either drives a session (``start`` / ``resume``) or watches one read-only
+(:meth:`AsyncStreamClient.watch`, docs/protocol.md "Watching"). A watcher sends no steps: the same
+receive task collects each step's frames until its ``step_done`` and puts the whole step into a
+bounded :class:`WatchBuffer` that the caller iterates (a slow reader loses the oldest whole steps,
+counted in :attr:`WatchedStep.dropped`, never the client's memory).
 
 Latency is measured here and nowhere else: a step's :attr:`StepResult.latency_ms` is the time
 from just before its ``step`` message is written to the socket until its ``step_done`` is read,
@@ -18,6 +24,10 @@ Example::
         print(result.latency_ms, result.frames[0].shape)
         async for r in client.run(actions):                # pipelined, up to max_inflight
             ...
+
+    async with AsyncStreamClient(url) as watcher:          # another connection, read-only
+        async for w in await watcher.watch(session_id, watch_token):
+            print(w.step, w.dropped, w.behind_ms, w.frames[0].shape)
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from protocol import (
     DEFAULT_URL,
     STREAM_PATH,
     CodecName,
+    EndedMessage,
     ErrorCode,
     ErrorMessage,
     FrameHeader,
@@ -59,11 +70,16 @@ from protocol import (
     ServerMessage,
     StepDoneMessage,
     StepTiming,
+    WatchingMessage,
     parse_server_message,
 )
 
 STEP_ERROR_CODES = frozenset({ErrorCode.BAD_ACTION, ErrorCode.OUT_OF_ORDER, ErrorCode.TOO_MANY_INFLIGHT})
 """Error codes that are about one step even when the server leaves ``step`` null."""
+
+WATCH_BUFFER_STEPS = 8
+"""Whole watched steps a watching client keeps for a reader that falls behind (the oldest is
+dropped beyond that): a quarter second of 30 fps video; the server keeps 4 more per watcher."""
 
 
 def stream_url(base: str) -> str:
@@ -137,14 +153,145 @@ class StepResult:
     def frames(self) -> list[np.ndarray]:
         """Decoded frames, uint8 RGB ``[H, W, 3]`` each (decoded on first access, then cached)."""
         if self._decoded is None:
-            self._decoded = [
-                decode_frame(p.header.codec, p.payload, p.header.width, p.header.height) for p in self.packets
-            ]
+            self._decoded = decode_packets(self.packets)
         return self._decoded
 
     def array(self) -> np.ndarray:
         """The frames stacked as uint8 ``[T, H, W, 3]``."""
         return np.stack(self.frames)
+
+
+def decode_packets(packets: list[FramePacket]) -> list[np.ndarray]:
+    """Frames as received → uint8 RGB ``[H, W, 3]`` arrays, in order."""
+    return [decode_frame(p.header.codec, p.payload, p.header.width, p.header.height) for p in packets]
+
+
+@dataclass
+class WatchedStep:
+    """A step of a watched session: its frames (the player's very bytes) and ``step_done``'s news."""
+
+    step: int
+    """AR step index."""
+    packets: list[FramePacket]
+    """The step's frames in order, still encoded."""
+    done_at: float
+    """``time.perf_counter()`` seconds when its ``step_done`` was read."""
+    timing: StepTiming
+    """The player's server-side milliseconds for this step."""
+    dropped: int = 0
+    """Steps missed just before this one: dropped by the server (this watcher read too slowly) or
+    by this client's :class:`WatchBuffer` (its reader iterated too slowly)."""
+    behind_ms: float = 0.0
+    """How long after the player's frames of this step the server sent them to this watcher."""
+    watchers: int = 0
+    """Connections watching the session when the step was sent (this one included)."""
+    _decoded: list[np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def frames(self) -> list[np.ndarray]:
+        """Decoded frames, uint8 RGB ``[H, W, 3]`` each (decoded on first access, then cached)."""
+        if self._decoded is None:
+            self._decoded = decode_packets(self.packets)
+        return self._decoded
+
+    def array(self) -> np.ndarray:
+        """The frames stacked as uint8 ``[T, H, W, 3]``."""
+        return np.stack(self.frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Encoded payload bytes of all frames of the step."""
+        return sum(len(p.payload) for p in self.packets)
+
+    @property
+    def first_frame_at(self) -> float:
+        """``time.perf_counter()`` seconds when the step's first frame was read."""
+        return self.packets[0].received_at if self.packets else self.done_at
+
+
+class WatchBuffer:
+    """Bounded queue of whole :class:`WatchedStep` s between the receive task and one reader.
+
+    Concurrency: used on one event loop only. The receive task is the only producer
+    (:meth:`put`, :meth:`close`; neither blocks); one task at a time reads (:meth:`get`). When
+    ``capacity`` steps wait, :meth:`put` drops the oldest (a whole step) and adds it, with the
+    steps the server had dropped before it, to the ``dropped`` of the step that is then oldest,
+    so memory stays bounded whatever the reader does and every gap is reported.
+    """
+
+    def __init__(self, capacity: int = WATCH_BUFFER_STEPS) -> None:
+        if capacity < 1:
+            raise ValueError("a watch buffer holds at least one step")
+        self.capacity = capacity
+        self.dropped = 0
+        """Steps this buffer dropped because its reader was behind (server drops not included)."""
+        self._steps: deque[WatchedStep] = deque()
+        self._carry = 0
+        self._closed = False
+        self._error: ClientError | None = None
+        self._wakeup = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, item: WatchedStep) -> None:
+        """Queue a step; when full, drop the oldest first. Ignored once closed."""
+        if self._closed:
+            return
+        if len(self._steps) >= self.capacity:
+            oldest = self._steps.popleft()
+            self.dropped += 1
+            self._carry += 1 + oldest.dropped
+        self._steps.append(item)
+        self._wakeup.set()
+
+    def close(self, error: ClientError | None = None) -> None:
+        """No more steps: :meth:`get` returns those queued, then raises ``error`` (or ends the
+        iteration when ``None``). Only the first call counts."""
+        if not self._closed:
+            self._closed, self._error = True, error
+            self._wakeup.set()
+
+    async def get(self) -> WatchedStep:
+        """The oldest queued step (waiting for one); ``StopAsyncIteration`` or the closing error
+        once closed and empty."""
+        while not self._steps:
+            if self._closed:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        item = self._steps.popleft()
+        if self._carry:  # the dropped steps were the ones just before this one
+            item.dropped += self._carry
+            self._carry = 0
+        return item
+
+
+class WatchStream:
+    """The steps of a watched session, in order: ``async for step in stream`` (from
+    :meth:`AsyncStreamClient.watch`).
+
+    Ends when the session ends (the server's ``ended``) or the client is closed; raises what
+    ended the connection otherwise (:class:`ConnectionClosedError`, a fatal :class:`StreamError`,
+    :class:`ProtocolViolation`), after the steps received before it. One task iterates at a time.
+    """
+
+    def __init__(self, watching: WatchingMessage, buffer: WatchBuffer) -> None:
+        self.watching = watching
+        """The server's ``watching``: stream description, ``next_step``, ``watchers``."""
+        self.buffer = buffer
+
+    def __aiter__(self) -> WatchStream:
+        return self
+
+    async def __anext__(self) -> WatchedStep:
+        return await self.buffer.get()
 
 
 @dataclass
@@ -188,6 +335,8 @@ class AsyncStreamClient:
 
         self.ready: ReadyMessage | None = None
         """The last ``ready`` (from start or resume)."""
+        self.watching: WatchingMessage | None = None
+        """The ``watching`` of this connection (see :meth:`watch`); ``None`` when not watching."""
         self.next_step = 0
         """Index the next submitted step will carry."""
         self.errors: list[StreamError] = []
@@ -210,6 +359,9 @@ class AsyncStreamClient:
         self._order: deque[asyncio.Future[StepResult]] = deque()
         self._fatal: StreamError | None = None
         self._send_lock: asyncio.Lock | None = None
+        self._watch: WatchBuffer | None = None
+        self._watch_packets: list[FramePacket] = []
+        self._watch_ended = False
 
     # ---- connection --------------------------------------------------------------------------
     @property
@@ -224,6 +376,12 @@ class AsyncStreamClient:
     @property
     def resume_token(self) -> str | None:
         return self.ready.resume_token if self.ready else None
+
+    @property
+    def watch_token(self) -> str | None:
+        """The session's read-only watch capability (share it with :attr:`session_id`, e.g. as
+        :func:`clients.links.watch_link`; never the resume token)."""
+        return self.ready.watch_token if self.ready else None
 
     @property
     def inflight(self) -> int:
@@ -263,14 +421,19 @@ class AsyncStreamClient:
             raise HandshakeError(self.url, None, f"{type(exc).__name__}: {exc}") from exc
         self._ws = ws
         self._fatal = None
+        self.watching, self._watch, self._watch_packets, self._watch_ended = None, None, [], False
         self.close_code, self.close_reason = None, ""
         self.connected_at = time.perf_counter()
         self._send_lock = asyncio.Lock()
         self._recv_task = asyncio.create_task(self._receive_loop(ws), name="dreamstream-recv")
 
     async def close(self) -> None:
-        """Close the WebSocket (without ``end``: the session stays resumable on the server)."""
+        """Close the WebSocket (without ``end``: the session stays resumable on the server).
+
+        A watch stream being iterated ends normally after the steps already received."""
         ws, task = self._ws, self._recv_task
+        if self._watch is not None:
+            self._watch.close()
         if ws is not None:
             with contextlib.suppress(Exception):
                 await ws.close()
@@ -354,6 +517,36 @@ class AsyncStreamClient:
                 delay = min(delay * 2, max_backoff_s)
         return await self._handshake_request("resume", msg)  # the last (or only) attempt
 
+    async def watch(
+        self, session_id: str, watch_token: str, *, buffer_steps: int = WATCH_BUFFER_STEPS
+    ) -> WatchStream:
+        """Watch a session read-only on this connection (connecting first if needed).
+
+        Sends ``watch``, waits for ``watching`` (kept in :attr:`watching`) and returns the
+        :class:`WatchStream` of the steps from ``watching.next_step`` on. Up to ``buffer_steps``
+        received steps wait for the reader; beyond that the oldest is dropped and counted in the
+        next step's ``dropped``. Raises :class:`StreamError` ``unknown_session`` (wrong id or
+        token, or an ended session), ``overloaded`` (the session has its maximum of watchers) or
+        ``already_started`` (this connection drives or watches a session already).
+        A watching connection cannot step; ``ping`` and ``end`` (stop watching) work.
+        """
+        new_buffer = WatchBuffer(buffer_steps)  # checks buffer_steps before connecting
+        await self.connect()  # a new connection forgets the watch of the last one
+        fresh = self.watching is None and (self._watch is None or self._watch.closed)
+        buffer = new_buffer if fresh else self._watch
+        if fresh:  # else the server answers already_started and the current watch goes on
+            self._watch, self._watch_packets, self._watch_ended = buffer, [], False
+        msg = {"type": "watch", "session_id": session_id, "watch_token": watch_token}
+        try:
+            watching = await self._request("watch", msg)
+        except ClientError:
+            if fresh and self._watch is buffer and self.watching is None:
+                self._watch = None
+            raise
+        if not isinstance(watching, WatchingMessage) or buffer is None:
+            raise ProtocolViolation(f"expected 'watching' in answer to 'watch', got {watching.type!r}")
+        return WatchStream(watching, buffer)
+
     async def _handshake_request(self, kind: str, msg: dict[str, Any]) -> ReadyMessage:
         await self.connect()
         ready = await self._request(kind, msg)
@@ -404,6 +597,8 @@ class AsyncStreamClient:
         return fut
 
     async def _submit(self, action: Any) -> asyncio.Future[StepResult]:
+        if self.watching is not None:
+            raise NotConnectedError("this client watches a session (read-only): it cannot step")
         if self.ready is None or self._slots is None:
             raise NotConnectedError("step before start(): call start() or resume() first")
         slots = self._slots
@@ -521,7 +716,10 @@ class AsyncStreamClient:
         except websockets.exceptions.ConnectionClosed:
             pass
         except Exception as exc:  # a bug or protocol violation: fail everything loudly
-            self._fail_all(ProtocolViolation(f"receive loop failed: {type(exc).__name__}: {exc}"))
+            violation = ProtocolViolation(f"receive loop failed: {type(exc).__name__}: {exc}")
+            self._fail_all(violation)
+            if self._watch is not None:
+                self._watch.close(violation)
             with contextlib.suppress(Exception):
                 await ws.close(code=1002)
             raise
@@ -529,8 +727,15 @@ class AsyncStreamClient:
             self.close_code = ws.close_code
             self.close_reason = ws.close_reason or ""
             self._fail_all(self._closed_error("connection lost"))
+            self._end_watch()
             if self._ws is ws:
                 self._ws = None
+
+    def _end_watch(self) -> None:
+        """The connection is over: a watch ends normally after ``ended``, with the error else."""
+        if self._watch is not None:
+            finished = self._watch_ended and self._fatal is None
+            self._watch.close(None if finished else self._closed_error("connection lost while watching"))
 
     def _fail_all(self, exc: ClientError) -> None:
         pending, self._pending = self._pending, {}
@@ -550,10 +755,19 @@ class AsyncStreamClient:
             header = FrameHeader.unpack(data)
         except ValueError as exc:
             raise ProtocolViolation(f"bad binary message: {exc}") from exc
-        pending = self._pending.get(header.step)
-        if pending is None:
-            raise ProtocolViolation(f"frame for step {header.step}, which is not outstanding")
-        pending.packets.append(FramePacket(header, data[FrameHeader.SIZE :], now))
+        packet = FramePacket(header, data[FrameHeader.SIZE :], now)
+        if self.watching is not None:
+            if self._watch_packets and self._watch_packets[0].header.step != header.step:
+                raise ProtocolViolation(
+                    f"watched step {self._watch_packets[0].header.step} has no step_done before "
+                    f"a frame of step {header.step}"
+                )
+            self._watch_packets.append(packet)
+        else:
+            pending = self._pending.get(header.step)
+            if pending is None:
+                raise ProtocolViolation(f"frame for step {header.step}, which is not outstanding")
+            pending.packets.append(packet)
         self.frames_received += 1
         self.bytes_received += len(data)
 
@@ -568,12 +782,23 @@ class AsyncStreamClient:
             self._on_error(msg)
         elif isinstance(msg, ReadyMessage):
             self._resolve_control(("start", "resume"), msg)
+        elif isinstance(msg, WatchingMessage):
+            self._resolve_control(("watch",), msg)
+            self.watching = msg  # here, not in watch(): the frames that follow are the watch's
         elif isinstance(msg, PongMessage):
             fut = self._pings.get(str(msg.t))
             if fut is not None and not fut.done():
                 fut.set_result(now)
         else:
-            self._resolve_control(("end",), msg)
+            self._on_ended(msg)
+
+    def _on_ended(self, msg: EndedMessage) -> None:
+        """``ended``: the answer to ``end``, or (to a watcher) the watched session ended."""
+        if self.watching is not None:
+            self._watch_ended = True  # the close that follows ends the watch stream normally
+            if self._control is None or self._control.done() or self._control_kind != "end":
+                return
+        self._resolve_control(("end",), msg)
 
     def _resolve_control(self, kinds: tuple[str, ...], msg: ServerMessage) -> None:
         fut = self._control
@@ -582,6 +807,9 @@ class AsyncStreamClient:
         fut.set_result(msg)
 
     def _on_step_done(self, msg: StepDoneMessage, now: float) -> None:
+        if self.watching is not None:
+            self._on_watched_step_done(msg, now)
+            return
         pending = self._pending.pop(msg.step, None)
         if pending is None:
             raise ProtocolViolation(f"step_done for step {msg.step}, which is not outstanding")
@@ -594,6 +822,26 @@ class AsyncStreamClient:
         result = StepResult(pending.step, pending.action, pending.packets, pending.sent_at, now, msg.timing)
         if not pending.future.done():
             pending.future.set_result(result)
+
+    def _on_watched_step_done(self, msg: StepDoneMessage, now: float) -> None:
+        packets, self._watch_packets = self._watch_packets, []
+        if len(packets) != msg.frames or any(p.header.step != msg.step for p in packets):
+            got = sorted({p.header.step for p in packets})
+            raise ProtocolViolation(
+                f"watched step {msg.step}: step_done says {msg.frames} frames, received "
+                f"{len(packets)} (of steps {got})"
+            )
+        step = WatchedStep(
+            msg.step,
+            packets,
+            now,
+            msg.timing,
+            dropped=msg.dropped or 0,
+            behind_ms=msg.behind_ms or 0.0,
+            watchers=msg.watchers or 0,
+        )
+        if self._watch is not None:
+            self._watch.put(step)
 
     def _on_error(self, msg: ErrorMessage) -> None:
         err = StreamError(msg.code, msg.message, fatal=msg.fatal, step=msg.step)

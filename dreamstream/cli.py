@@ -1,4 +1,4 @@
-"""``dreamstream`` command line: ``serve``, ``rollout``, ``replay``, ``play``, ``loadtest``.
+"""``dreamstream`` command line: ``serve``, ``rollout``, ``replay``, ``play``, ``watch``, ``loadtest``.
 
 Each subcommand lives with the part it belongs to; this module only dispatches. Imports are lazy,
 so ``dreamstream play`` does not load torch, and a command whose extra is not installed says how
@@ -33,6 +33,7 @@ COMMANDS: dict[str, Command] = {
         "dreamstream.replay", "Re-render a recorded session in-process (no server)", extra="server"
     ),
     "play": Command("clients.play", "Headless client: run N steps against a server and save a video"),
+    "watch": Command("clients.watch", "Watch a session read-only from its watch link and save a video"),
     "loadtest": Command("clients.loadtest.cli", "Many concurrent sessions with SLO metrics"),
 }
 

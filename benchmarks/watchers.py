@@ -1,0 +1,133 @@
+"""What watchers cost the player: step latency of one lock-step player with no watchers, with
+readers that keep up, and with stalled ones that read nothing, side by side on one server.
+
+``python -m benchmarks.watchers`` starts ``dreamstream serve`` (synthetic, raw 256×256 frames so
+that a stalled watcher's socket fills within a few steps, ``generate_ms`` like a small model) and
+runs, in one process, the same player for ``--steps`` lock-step steps under each condition, in
+turn, twice (ABCABC: drift shows up as a difference between the two rounds). Printed and written
+to ``--out``/watchers.json: p50 / p99 step round trip per condition, their ratios to no watchers,
+and the steps the stalled watchers lost (dropped by the server, whole steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import websockets
+
+from benchmarks.machine import describe_machine
+from server.process import ServerProcess
+
+SERVER_ARGS = [
+    "--pipeline", "synthetic", "--set", "width=256", "--set", "height=256", "--set", "generate_ms=10",
+    "--set", "finalize_ms=5", "--codec", "raw", "--torch-threads", "1", "--max-watchers", "16",
+]  # fmt: skip
+
+
+async def lockstep(ws: Any, steps: int, first: int) -> list[float]:
+    """Round trips (ms) of ``steps`` steps sent one at a time."""
+    rtts = []
+    for k in range(first, first + steps):
+        t0 = time.perf_counter()
+        await ws.send(json.dumps({"type": "step", "step": k, "action": None}))
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str) and json.loads(message)["type"] == "step_done":
+                break
+        rtts.append((time.perf_counter() - t0) * 1000.0)
+    return rtts
+
+
+async def drain(ws: Any) -> None:
+    """Read (and drop) everything a keeping-up watcher gets."""
+    with contextlib.suppress(websockets.ConnectionClosed):
+        async for _ in ws:
+            pass
+
+
+async def watch(url: str, ready: dict[str, Any], max_queue: int | None = None) -> Any:
+    ws = await websockets.connect(url, max_size=1 << 24, compression=None, max_queue=max_queue)
+    await ws.send(
+        json.dumps({"type": "watch", "session_id": ready["session_id"], "watch_token": ready["watch_token"]})
+    )
+    return ws
+
+
+async def run(url: str, steps: int, watchers: int) -> dict[str, Any]:
+    results: dict[str, list[float]] = {"none": [], "reading": [], "stalled": []}
+    async with websockets.connect(url, max_size=1 << 24, compression=None) as player:
+        await player.send(json.dumps({"type": "start", "seed": 1}))
+        ready = json.loads(await player.recv())
+        next_step = 0
+        await lockstep(player, 20, next_step)  # warm-up
+        next_step += 20
+        for _ in range(2):
+            for condition in results:
+                conns = []
+                if condition != "none":
+                    stalled = condition == "stalled"
+                    conns = [await watch(url, ready, 1 if stalled else None) for _ in range(watchers)]
+                    readers = [] if stalled else [asyncio.create_task(drain(c)) for c in conns]
+                    await asyncio.sleep(0.2)
+                results[condition] += await lockstep(player, steps, next_step)
+                next_step += steps
+                for c in conns:
+                    c.transport.abort()
+                if condition == "reading":
+                    await asyncio.gather(*readers, return_exceptions=True)
+    return {k: np.asarray(v) for k, v in results.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.watchers", description=__doc__)
+    parser.add_argument("--steps", type=int, default=150, help="steps per condition and round")
+    parser.add_argument("--watchers", type=int, default=8, help="watchers in the reading/stalled cases")
+    parser.add_argument("--out", type=Path, default=Path("runs/watchers"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with ServerProcess(SERVER_ARGS, log_path=args.out / "server.log") as srv:
+        rtts = asyncio.run(run(f"ws://127.0.0.1:{srv.port}/v1/stream", args.steps, args.watchers))
+        dropped = urllib_metric(srv.base_url, "dreamstream_watch_dropped_steps_total")
+    base = {q: float(np.percentile(rtts["none"], q)) for q in (50, 99)}
+    report: dict[str, Any] = {
+        "machine": describe_machine("cpu").line(),
+        "steps": args.steps,
+        "watchers": args.watchers,
+        "server": SERVER_ARGS,
+        "dropped_steps": dropped,
+    }
+    print(f"machine: {report['machine']}")
+    for condition, values in rtts.items():
+        p50, p99 = (float(np.percentile(values, q)) for q in (50, 99))
+        r50, r99 = p50 / base[50], p99 / base[99]
+        report[condition] = {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "p50_ratio": round(r50, 3)}
+        report[condition]["p99_ratio"] = round(r99, 3)
+        print(f"{condition:8s} p50 {p50:6.2f} ms ({r50:.2f}x)  p99 {p99:6.2f} ms ({r99:.2f}x)")
+    print(f"steps dropped for the stalled watchers: {dropped:g}")
+    (args.out / "watchers.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def urllib_metric(base_url: str, name: str) -> float:
+    """One sample of the server's Prometheus text (no labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return float("nan")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
