@@ -80,13 +80,11 @@ ClientMessage = Annotated[
 
 
 # ---- server → client -------------------------------------------------------------------------
-class ReadyMessage(BaseModel):
-    type: Literal["ready"] = "ready"
+class StreamDescription(BaseModel):
+    """A session's stream, as ``ready`` (to its player) and ``watching`` (to a watcher) give it."""
+
     protocol: int = PROTOCOL_VERSION
     session_id: str
-    resume_token: str
-    watch_token: str | None = None
-    """Read-only capability to watch this session (``watch``); share it, not ``resume_token``."""
     pipeline: str
     width: int
     height: int
@@ -94,6 +92,14 @@ class ReadyMessage(BaseModel):
     fps: float
     codec: CodecName
     next_step: int
+    """The player: the step to send next. A watcher: the first step it can see."""
+
+
+class ReadyMessage(StreamDescription):
+    type: Literal["ready"] = "ready"
+    resume_token: str
+    watch_token: str | None = None
+    """Read-only capability to watch this session (``watch``); share it, not ``resume_token``."""
     max_inflight: int
     recording: bool = False
     """The server records this session (see docs/recording.md)."""
@@ -132,20 +138,10 @@ class StepDoneMessage(BaseModel):
     """To a watcher only: the player's frames of this step were sent this long before these."""
 
 
-class WatchingMessage(BaseModel):
+class WatchingMessage(StreamDescription):
     """The answer to ``watch``: the stream a watcher will see (frames and ``step_done`` follow)."""
 
     type: Literal["watching"] = "watching"
-    protocol: int = PROTOCOL_VERSION
-    session_id: str
-    pipeline: str
-    width: int
-    height: int
-    frames_per_step: int
-    fps: float
-    codec: CodecName
-    next_step: int
-    """The first step this watcher can see (the session's next step not yet sent)."""
     watchers: int
     """Connections watching the session, this one included."""
 

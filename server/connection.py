@@ -53,6 +53,7 @@ from protocol import (
     StepDoneMessage,
     StepMessage,
     StepTiming,
+    StreamDescription,
     WatchingMessage,
     WatchMessage,
     describe_validation_error,
@@ -474,20 +475,8 @@ class Connection:
         self.ctx.metrics.watchers.inc()
         self.log = logger.bind(session=session.id)
         self.log.info("watching ({} watcher(s))", len(session.watchers))
-        spec = session.spec
-        await self._send_text(
-            WatchingMessage(
-                session_id=session.id,
-                pipeline=session.pipeline,
-                width=spec.width,
-                height=spec.height,
-                frames_per_step=spec.frames_per_step,
-                fps=spec.fps,
-                codec=session.codec.wire_name,  # type: ignore[arg-type]
-                next_step=session.last_sent_step + 1,
-                watchers=len(session.watchers),
-            )
-        )
+        stream = stream_description(session, next_step=session.last_sent_step + 1)
+        await self._send_text(WatchingMessage(**stream, watchers=len(session.watchers)))
         self._tasks.append(asyncio.create_task(self._watch_loop(self.watcher, session), name="ws-watch"))
 
     async def _watch_loop(self, watcher: Watcher, session: Session) -> None:
@@ -520,19 +509,11 @@ class Connection:
         session.touch()
 
     async def _send_ready(self, session: Session) -> None:
-        spec = session.spec
         await self._send_text(
             ReadyMessage(
-                session_id=session.id,
+                **stream_description(session, next_step=session.next_step),
                 resume_token=session.resume_token,
                 watch_token=session.watch_token if self.config.max_watchers else None,
-                pipeline=session.pipeline,
-                width=spec.width,
-                height=spec.height,
-                frames_per_step=spec.frames_per_step,
-                fps=spec.fps,
-                codec=session.codec.wire_name,  # type: ignore[arg-type]
-                next_step=session.next_step,
                 max_inflight=self.config.max_inflight,
                 recording=session.recording is not None and session.recording.active,
                 action_schema=self.ctx.action_schema(),
@@ -743,6 +724,21 @@ class Connection:
                     )
                 )
                 return
+
+
+def stream_description(session: Session, next_step: int) -> dict[str, Any]:
+    """The :class:`~protocol.StreamDescription` fields of ``session`` (``ready``, ``watching``)."""
+    spec = session.spec
+    return StreamDescription(
+        session_id=session.id,
+        pipeline=session.pipeline,
+        width=spec.width,
+        height=spec.height,
+        frames_per_step=spec.frames_per_step,
+        fps=spec.fps,
+        codec=session.codec.wire_name,  # type: ignore[arg-type]
+        next_step=next_step,
+    ).model_dump()
 
 
 def _step_hint(text: str | None) -> int | None:
