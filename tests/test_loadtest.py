@@ -12,6 +12,7 @@ import pytest
 from clients.cli_options import show_progress
 from clients.loadtest import LoadTestConfig, run_loadtest
 from clients.loadtest.cli import main
+from clients.loadtest.report import format_report
 from tests.conftest import RunningServer, ServerFactory
 
 MAX_SESSIONS = 4
@@ -100,6 +101,23 @@ def test_failed_sessions_make_the_exit_status_non_zero(
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["sessions_failed"] == 2 and report["errors_by_code"] == {"internal": 2}
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_watchers_per_session_see_every_step(server: RunningServer) -> None:
+    config = LoadTestConfig(
+        url=server.ws_url, sessions=2, steps=12, shape="saturating", watchers_per_session=2
+    )
+    report = run_loadtest(config)
+    assert report.ok and report.watchers is not None, report.errors_by_code
+    w = report.watchers
+    assert (w.watchers, w.failed) == (4, 0)
+    # every step from the one a watcher joined at is received or counted as dropped: none lost
+    each = [s for r in report.per_session for s in r.watchers]
+    assert all(s.first_step is not None and s.steps + s.dropped == 12 - s.first_step for s in each)
+    assert w.steps_received + w.steps_dropped == sum(s.steps + s.dropped for s in each) > 0
+    assert w.behind_player.count == w.steps_received
+    text = format_report(report)
+    assert "watchers               4 (0 failed)" in text and "behind player" in text
 
 
 def test_sessions_beyond_capacity_fail_with_overloaded(server: RunningServer) -> None:

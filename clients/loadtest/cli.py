@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="step latency budget (default: one step's playback time at --fps)",
     )
+    p.add_argument(
+        "--watchers-per-session",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K read-only watchers of each session, each on its own connection (default %(default)s)",
+    )
     p.add_argument("--decode", action="store_true", help="decode frames (adds client CPU)")
     p.add_argument("--processes", type=int, default=1, help="client processes (default %(default)s)")
     p.add_argument("--step-timeout", type=float, default=60.0, help="seconds per step (default %(default)s)")
@@ -126,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         decode=args.decode,
         processes=args.processes,
         step_timeout_s=args.step_timeout,
+        watchers_per_session=args.watchers_per_session,
     )
 
 

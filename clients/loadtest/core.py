@@ -29,6 +29,14 @@ from typing import Any, Literal
 
 from clients.actions import make_policy
 from clients.errors import ClientError, StepTimeoutError
+from clients.loadtest.watchers import (
+    Watcher,
+    WatcherStats,
+    WatcherTotals,
+    start_watchers,
+    stop_watchers,
+    watcher_totals,
+)
 from clients.metrics import (
     Histogram,
     LatencySummary,
@@ -86,6 +94,8 @@ class LoadTestConfig:
     """Client processes (sessions are split among them)."""
     end_sessions: bool = True
     """Send ``end`` after the last step (else just close, leaving the session resumable)."""
+    watchers_per_session: int = 0
+    """Read-only watchers of each session, each on its own connection (``watch``)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a fix-it message for inconsistent settings."""
@@ -103,6 +113,8 @@ class LoadTestConfig:
             raise ValueError("processes must be >= 1")
         if self.inflight is not None and self.inflight < 1:
             raise ValueError("inflight must be >= 1")
+        if self.watchers_per_session < 0:
+            raise ValueError("watchers_per_session must be >= 0")
 
 
 @dataclass
@@ -143,6 +155,7 @@ class SessionResult:
     samples: list[tuple[float, float]] = field(default_factory=list, repr=False)
     """``(seconds since the run started, step latency ms)`` per step."""
     events: list[SessionEvent] = field(default_factory=list, repr=False)
+    watchers: list[WatcherStats] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready dict without histograms, samples and events."""
@@ -201,6 +214,8 @@ class LoadTestReport:
     deadline_miss_rate: float
     viewer: ViewerTotals
     errors_by_code: dict[str, int]
+    watchers: WatcherTotals | None = None
+    """With ``watchers_per_session``: what the watchers got."""
     per_session: list[SessionResult] = field(default_factory=list, repr=False)
 
     @property
@@ -277,6 +292,7 @@ async def _drive_session(
     error_code: str | None = None
     session_id: str | None = None
     steps_done = 0
+    watchers: list[Watcher] = []
 
     def on_result(result: StepResult) -> None:
         nonlocal steps_done
@@ -323,6 +339,10 @@ async def _drive_session(
             max_inflight=ready.max_inflight,
             inflight=client.max_inflight,
         )
+        if config.watchers_per_session and ready.watch_token:
+            k = config.watchers_per_session
+            watchers = start_watchers(client.url, config.token, k, ready.session_id, ready.watch_token)
+            event("watchers", count=k)
         policy = make_policy(ready.action_schema, script=config.actions, seed=seed)
         if config.shape == "saturating":
             await _saturating(client, config, policy, on_result)
@@ -345,6 +365,7 @@ async def _drive_session(
                 # free the server's slot now rather than after its resume window
                 await asyncio.wait_for(client.end(), timeout=5.0)
         await client.close()
+        watcher_stats = await stop_watchers(watchers)
 
     def finish() -> SessionResult:
         stats = rec.stats(fps=target_fps or fps or 1.0, start_buffer_frames=config.start_buffer_frames)
@@ -373,6 +394,7 @@ async def _drive_session(
                 else None
             ),
             events=events,
+            watchers=watcher_stats,
         )
 
     return finish
@@ -574,6 +596,7 @@ def build_report(
     viewer.stall_ms_total = round(viewer.stall_ms_total, 3)
     viewer.stall_fraction_max = round(viewer.stall_fraction_max, 6)
     failed = sum(not r.ok for r in results)
+    watchers = watcher_totals(w for r in results for w in r.watchers) if config.watchers_per_session else None
     spans = [r.active_s for r in results if r.active_s is not None]
     active = max(e for _, e in spans) - min(b for b, _ in spans) if spans else 0.0
     config_dict = asdict(config)
@@ -600,5 +623,6 @@ def build_report(
         deadline_miss_rate=round(misses / steps, 6) if steps else 0.0,
         viewer=viewer,
         errors_by_code=errors,
+        watchers=watchers,
         per_session=results,
     )

@@ -45,6 +45,14 @@ def format_report(report: LoadTestReport, max_rows: int = 16) -> str:
         f"{report.viewer.stall_ms_total:.0f} ms (mean {report.viewer.stall_ms_mean:.0f} ms per "
         f"session, max fraction {100 * report.viewer.stall_fraction_max:.2f} %)",
     ]
+    if report.watchers is not None:
+        w = report.watchers
+        received = "-" if w.received_fraction is None else f"{100 * w.received_fraction:.2f} %"
+        lines.append(
+            f"  watchers               {w.watchers} ({w.failed} failed): {w.steps_received} steps "
+            f"received, {w.steps_dropped} dropped ({received} received)"
+        )
+        lines.append(row("behind player", w.behind_player))
     if report.errors_by_code:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(report.errors_by_code.items()))
         lines.append(f"  errors                 {errs}")
