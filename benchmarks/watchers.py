@@ -1,12 +1,14 @@
-"""What watchers cost the player: step latency of one lock-step player with no watchers, with
-readers that keep up, and with stalled ones that read nothing, side by side on one server.
+"""What watchers cost: (1) the step latency of one lock-step player with no watchers, with
+readers that keep up, and with stalled ones that read nothing; (2) the server's CPU time per step
+of 8 paced players alone and with ``--watchers`` watchers each — side by side on one server.
 
-``python -m benchmarks.watchers`` starts ``dreamstream serve`` (synthetic, raw 256×256 frames so
-that a stalled watcher's socket fills within a few steps, ``generate_ms`` like a small model) and
-runs, in one process, the same player for ``--steps`` lock-step steps under each condition, in
-turn, twice (ABCABC: drift shows up as a difference between the two rounds). Printed and written
-to ``--out``/watchers.json: p50 / p99 step round trip per condition, their ratios to no watchers,
-and the steps the stalled watchers lost (dropped by the server, whole steps).
+``python -m benchmarks.watchers``. Part 1 starts ``dreamstream serve`` (synthetic, raw 256×256
+frames so that a stalled watcher's socket fills within a few steps, ``generate_ms`` like a small
+model) and runs the same player for ``--steps`` lock-step steps under each condition, in turn,
+twice (ABCABC: drift shows up as a difference between the rounds). Part 2 starts a default
+synthetic server (64×64 JPEG) and runs ``dreamstream loadtest``'s engine: 8 sessions paced at
+15 fps, alone and with watchers, twice (ABAB), reading the server's CPU time from ``/proc``.
+Printed and written to ``--out``/watchers.json with the machine line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import numpy as np
 import websockets
 
 from benchmarks.machine import describe_machine
+from clients.loadtest import LoadTestConfig, run_loadtest
 from server.process import ServerProcess
 
 SERVER_ARGS = [
@@ -85,10 +89,56 @@ async def run(url: str, steps: int, watchers: int) -> dict[str, Any]:
     return {k: np.asarray(v) for k, v in results.items()}
 
 
+FLEET_ARGS = [
+    "--pipeline", "synthetic", "--set", "generate_ms=10", "--set", "finalize_ms=5", "--codec", "jpeg",
+    "--torch-threads", "1", "--max-watchers", "16",
+]  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fleet_case(url: str, pid: int, watchers: int, steps: int) -> dict[str, float]:
+    """8 paced players (with ``watchers`` watchers each): server CPU ms per player step and more."""
+    config = LoadTestConfig(
+        url=url, sessions=8, steps=steps, shape="paced", target_fps=15.0, watchers_per_session=watchers
+    )
+    c0 = cpu_seconds(pid)
+    report = run_loadtest(config)
+    cpu_ms = (cpu_seconds(pid) - c0) * 1000.0
+    w = report.watchers
+    return {
+        "steps": report.steps,
+        "cpu_ms_per_step": cpu_ms / max(1, report.steps),
+        "frames_per_s": report.rates.aggregate_frames_per_s,
+        "p99_ms": report.step_latency.p99_ms or 0.0,
+        "received_fraction": (w.received_fraction or 0.0) if w is not None else 1.0,
+    }
+
+
+def fleet(steps: int, watchers: int, out: Path) -> dict[str, Any]:
+    """Part 2: 8 players alone vs with ``watchers`` watchers each (ABAB); means per case."""
+    runs: dict[str, list[dict[str, float]]] = {"alone": [], "watched": []}
+    with ServerProcess(FLEET_ARGS, log_path=out / "server-fleet.log") as srv:
+        assert srv.proc is not None
+        url = f"ws://127.0.0.1:{srv.port}/v1/stream"
+        fleet_case(url, srv.proc.pid, 0, 20)  # warm-up
+        for _ in range(2):
+            runs["alone"].append(fleet_case(url, srv.proc.pid, 0, steps))
+            runs["watched"].append(fleet_case(url, srv.proc.pid, watchers, steps))
+    means = {k: {m: round(float(np.mean([r[m] for r in v])), 4) for m in v[0]} for k, v in runs.items()}
+    ratio = means["watched"]["cpu_ms_per_step"] / means["alone"]["cpu_ms_per_step"]
+    return {**means, "cpu_ratio": round(ratio, 3), "watchers_per_session": watchers}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.watchers", description=__doc__)
     parser.add_argument("--steps", type=int, default=150, help="steps per condition and round")
-    parser.add_argument("--watchers", type=int, default=8, help="watchers in the reading/stalled cases")
+    parser.add_argument("--watchers", type=int, default=8, help="watchers per session in each watched case")
+    parser.add_argument("--fleet-steps", type=int, default=150, help="steps per player in part 2")
     parser.add_argument("--out", type=Path, default=Path("runs/watchers"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         report[condition]["p99_ratio"] = round(r99, 3)
         print(f"{condition:8s} p50 {p50:6.2f} ms ({r50:.2f}x)  p99 {p99:6.2f} ms ({r99:.2f}x)")
     print(f"steps dropped for the stalled watchers: {dropped:g}")
+    report["fleet"] = part2 = fleet(args.fleet_steps, args.watchers, args.out)
+    for case in ("alone", "watched"):
+        r = part2[case]
+        print(
+            f"8 players {case:8s}: server CPU {r['cpu_ms_per_step']:.2f} ms/step, {r['frames_per_s']:.1f} "
+            f"frames/s, player p99 {r['p99_ms']:.1f} ms, watchers got {100 * r['received_fraction']:.2f} %"
+        )
+    print(f"server CPU per step, watched / alone: {part2['cpu_ratio']:.2f}x")
     (args.out / "watchers.json").write_text(json.dumps(report, indent=2))
     return 0
 

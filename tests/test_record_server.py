@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from server.recording import read_recording
@@ -32,30 +33,41 @@ def replay_to_dir(recording: Path, out: Path) -> dict[int, np.ndarray]:
     return {k: np.stack(v) for k, v in frames.items()}
 
 
+ACTIONS = {  # step k → action, per pipeline (the synthetic pattern moves; tiny-world walks)
+    "synthetic": lambda k: {"x": k, "y": -k} if k % 2 == 0 else None,
+    "tiny-world": lambda k: {"move": ("up", "left", "none")[k % 3]},
+}
+
+
+@pytest.mark.parametrize("pipeline", ["synthetic", "tiny-world"])
 async def test_a_recorded_session_replays_bit_exact_across_a_resume(
-    server_factory: ServerFactory, tmp_path: Path
+    server_factory: ServerFactory, tmp_path: Path, pipeline: str
 ) -> None:
     record_dir = tmp_path / "recordings"
-    srv = server_factory(pipeline_overrides=FAST, record_dir=str(record_dir), resume_window_s=30)
+    overrides = FAST if pipeline == "synthetic" else {}
+    srv = server_factory(
+        pipeline=pipeline, pipeline_overrides=overrides, record_dir=str(record_dir), resume_window_s=30
+    )
+    action = ACTIONS[pipeline]
     sent: dict[int, np.ndarray] = {}
     player = await StreamClient.connect(srv.ws_url)
     ready = await player.start(seed=7, codec="raw")
     assert ready["recording"] is True
     for k in range(3):
-        sent[k] = (await player.step(k, {"x": k, "y": -k})).frames()
+        sent[k] = (await player.step(k, action(k))).frames()
     player.ws.transport.abort()  # lost: the session waits for its resume
     await player.close()
     async with await StreamClient.connect(srv.ws_url) as again:
         resumed = await again.resume(ready["session_id"], ready["resume_token"])
         for k in range(resumed["next_step"], 6):
-            sent[k] = (await again.step(k, {"x": 2 * k} if k % 2 else None)).frames()
+            sent[k] = (await again.step(k, action(k))).frames()
         await again.send({"type": "end"})
         assert (await again.recv_json())["type"] == "ended"
     path = record_dir / f"{ready['session_id']}.jsonl"
     assert srv.wait_until(lambda: path.exists() and read_recording(path).end is not None)
     recording = read_recording(path)
     assert recording.complete and [s.step for s in recording.steps] == sorted(sent)
-    assert recording.header.seed == 7 and recording.steps[1].action == {"x": 1, "y": -1}
+    assert recording.header.seed == 7 and recording.steps[2].action == action(2)
     replayed = replay_to_dir(path, tmp_path / "replay")
     assert sorted(replayed) == sorted(sent)
     for k, frames in sent.items():
