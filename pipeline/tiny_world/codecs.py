@@ -111,7 +111,8 @@ class LatentDecoder(StreamingDecoder[None]):
         # NHWC convs skip oneDNN's layout copies around every conv (batch 8 on 2 threads: 13.8 ->
         # 10.6 ms; outputs equal to 1e-5), and NHWC is the layout uint8 frames leave in.
         self.ae.decoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stubs
-        self._decode_net: Any = self.ae.decode
+        # decode_batch_invariant: a session's frames do not depend on the sessions it is batched with.
+        self._decode_net: Any = self.ae.decode_batch_invariant
         self._compiled = False
 
     def initialize_autoregressive_cache(self, **context: Any) -> None:
@@ -120,7 +121,7 @@ class LatentDecoder(StreamingDecoder[None]):
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents ``[B, C, 8, 8]`` → frames ``[B, 3, 64, 64]`` clamped to ``[-1, 1]``."""
         if self.config.compile and not self._compiled:
-            self._decode_net = torch.compile(self.ae.decode, dynamic=False)
+            self._decode_net = torch.compile(self.ae.decode_batch_invariant, dynamic=False)
             self._compiled = True
         dtype = self.mean.dtype
         raw = (latents.to(dtype) * self.std + self.mean).contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,13 @@ Metrics (generated frames vs the environment's real frames for the same actions)
   rollout (1.0 would mean collapse to a single biome).
 * **revisit consistency**: move away ``n`` steps and back; PSNR of the returned view against the
   view before leaving (both generated).
+* **idle stability**: held at ``none`` for 300 steps from held-out starts (the real world does not
+  move at all): mean PSNR of generated frame ``n`` to generated frame 1 at ``n`` = 30, 100, 300,
+  of frame 1 to the real start, and the sharpness of frame 300 relative to the real start (holding
+  still by blurring would not count).
+* **stop-go-stop**: stationary stretches between moves (:data:`STOP_GO_STOP`): for each
+  stretch, PSNR of its last frame to its first; and action-following over the whole schedule
+  (a ``none`` step must not move).
 * **frames/s**: one session, generate (incl. decode) + finalize per frame.
 """
 
@@ -82,9 +89,48 @@ def biome_histograms(frames: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(i.ravel(), minlength=NUM_BIOMES) / i.size for i in ids])
 
 
+PSNR_IDENTICAL = 99.0
+"""What :func:`psnr` reports for identical frames (instead of infinity)."""
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of uint8 images ``a`` vs ``b`` (:data:`PSNR_IDENTICAL` when they are equal)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return PSNR_IDENTICAL if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def hold_psnr(frames: np.ndarray, checkpoints: tuple[int, ...]) -> dict[int, float]:
+    """Mean over rollouts of the PSNR of frame ``n`` to frame 1, for each ``n`` in ``checkpoints``.
+
+    ``frames [N, T + 1, H, W, 3]`` as from :func:`generate_rollouts` (index 0: the real start,
+    index ``n``: the ``n``-th generated frame), all under ``none``. A world that holds still
+    scores :data:`PSNR_IDENTICAL`.
+    """
+    return {n: float(np.mean([psnr(f[n], f[1]) for f in frames])) for n in checkpoints}
+
+
+def stationary_stretches(actions: np.ndarray, min_length: int = 2) -> list[tuple[int, int]]:
+    """``(start, end)`` step ranges (end exclusive) of runs of ``none`` in ``actions [T]``."""
+    out: list[tuple[int, int]] = []
+    start: int | None = None
+    for t, a in enumerate([*actions.tolist(), -1]):
+        if a == int(Action.NONE) and start is None:
+            start = t
+        elif a != int(Action.NONE) and start is not None:
+            if t - start >= min_length:
+                out.append((start, t))
+            start = None
+    return out
+
+
+def stretch_psnr(frames: np.ndarray, actions: np.ndarray) -> list[float]:
+    """For each stationary stretch of ``actions [T]``: mean over rollouts of the PSNR of the
+    stretch's last generated frame to its first (``frames [N, T + 1, ...]``; the frame of step
+    ``t`` is ``frames[:, t + 1]``)."""
+    return [
+        float(np.mean([psnr(f[end], f[start + 1]) for f in frames]))
+        for start, end in stationary_stretches(actions)
+    ]
 
 
 # ---------------------------------------------------------------------------- rollouts
@@ -99,6 +145,25 @@ def random_actions(rng: np.random.Generator, length: int, sticky: float = 0.75) 
             a = int(rng.choice(NUM_ACTIONS, p=ACTION_PROBS))
         out[t] = a
     return out
+
+
+IDLE_CHECKPOINTS = (30, 100, 300)
+"""Frames of an idle rollout whose PSNR to frame 1 is reported."""
+
+
+def _moves(*parts: tuple[Action, int]) -> np.ndarray:
+    return np.concatenate([np.full(n, int(a), np.int64) for a, n in parts])
+
+
+STOP_GO_STOP = _moves(
+    (Action.NONE, 40),
+    (Action.RIGHT, 8),
+    (Action.NONE, 40),
+    (Action.UP_LEFT, 6),
+    (Action.DOWN, 4),
+    (Action.NONE, 40),
+)
+"""Stationary stretches of 40 steps between moves (138 steps)."""
 
 
 @torch.no_grad()
@@ -145,6 +210,16 @@ class EvalResult:
     revisit_psnr_2: float
     revisit_psnr_4: float
     revisit_psnr_gt_2: float
+    idle_worlds: int
+    idle_psnr: dict[str, float]
+    """PSNR of generated frame ``n`` to generated frame 1 under ``none``, keyed by ``n``."""
+    idle_psnr_start_real: float
+    """Generated frame 1 vs the real start (what the world would keep showing)."""
+    idle_sharpness_last: float
+    """Laplacian variance of the last idle frame / that of the real start."""
+    stopgo_stretch_psnr: list[float]
+    """Per stationary stretch of :data:`STOP_GO_STOP`: PSNR of its last frame to its first."""
+    stopgo_following: float
     fps_single: float
 
 
@@ -163,12 +238,41 @@ def measure_fps(pipe: TinyWorldPipeline, frames: int = 60) -> float:
     return frames / (time.perf_counter() - t0)
 
 
+def idle_stability(
+    pipe: TinyWorldPipeline, world_seeds: list[int], steps: int = 300
+) -> tuple[dict[int, float], float, float]:
+    """Hold ``none`` for ``steps`` from each world's start.
+
+    Returns the PSNR of frame ``n`` to frame 1 for each :data:`IDLE_CHECKPOINTS` ``n <= steps``
+    (and ``steps``), frame 1 vs the real start, and the last frame's sharpness relative to the
+    real start.
+    """
+    acts = np.full((len(world_seeds), steps), int(Action.NONE), np.int64)
+    gen = generate_rollouts(pipe, world_seeds, acts, seed=300)
+    checkpoints = tuple(sorted({*(n for n in IDLE_CHECKPOINTS if n <= steps), steps}))
+    vs_start = float(np.mean([psnr(g[1], g[0]) for g in gen]))
+    sharp = laplacian_variance(gen[:, -1]) / laplacian_variance(gen[:, 0])
+    return hold_psnr(gen, checkpoints), vs_start, float(sharp)
+
+
+def stop_go_stop(
+    pipe: TinyWorldPipeline, world_seeds: list[int], actions: np.ndarray = STOP_GO_STOP
+) -> tuple[list[float], float]:
+    """Per-stretch PSNR (:func:`stretch_psnr`) and action-following over ``actions`` (all worlds)."""
+    acts = np.stack([actions] * len(world_seeds))
+    gen = generate_rollouts(pipe, world_seeds, acts, seed=400)
+    following = float(np.mean([following_rate(g, actions) for g in gen]))
+    return stretch_psnr(gen, actions), following
+
+
 def evaluate(
     pipe: TinyWorldPipeline,
     num_worlds: int = 8,
     follow_steps: int = 64,
     drift_steps: int = 300,
     strip_path: Path | None = None,
+    idle_worlds: int = 8,
+    idle_steps: int = 300,
 ) -> EvalResult:
     seeds = [EVAL_SEED_BASE + i for i in range(num_worlds)]
     rng = np.random.default_rng(1234)
@@ -216,6 +320,10 @@ def evaluate(
             gt_revisit = float(
                 np.mean([psnr(g[lead + 2 * n], r[lead + 2 * n]) for g, r in zip(r_gen, r_real, strict=True)])
             )
+    # Idle stability and stop-go-stop, from the same held-out starts.
+    idle_seeds = [EVAL_SEED_BASE + i for i in range(idle_worlds)]
+    idle, idle_vs_start, idle_sharp = idle_stability(pipe, idle_seeds, idle_steps)
+    stretches, stopgo_follow = stop_go_stop(pipe, idle_seeds)
     return EvalResult(
         steps=len(pipe.diffusion_model.scheduler.sigmas) - 1,  # type: ignore[attr-defined]
         context_noise=pipe.diffusion_model.config.context_noise,
@@ -231,6 +339,12 @@ def evaluate(
         revisit_psnr_2=revisit[2],
         revisit_psnr_4=revisit[4],
         revisit_psnr_gt_2=gt_revisit,
+        idle_worlds=idle_worlds,
+        idle_psnr={str(n): v for n, v in idle.items()},
+        idle_psnr_start_real=idle_vs_start,
+        idle_sharpness_last=idle_sharp,
+        stopgo_stretch_psnr=stretches,
+        stopgo_following=stopgo_follow,
         fps_single=measure_fps(pipe),
     )
 
@@ -243,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, help="override the pipeline dtype (float32, bfloat16)")
     p.add_argument("--worlds", type=int, default=8, help="held-out worlds")
     p.add_argument("--drift-steps", type=int, default=300)
+    p.add_argument("--idle-worlds", type=int, default=8, help="held-out worlds for idle and stop-go-stop")
+    p.add_argument("--idle-steps", type=int, default=300, help="steps held at none")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--strip", type=Path, default=None, help="write a real/generated PNG strip")
     args = p.parse_args(argv)
@@ -257,7 +373,14 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.config import derive_config
 
     pipe = (derive_config(cfg, **changes) if changes else cfg).setup()
-    result = evaluate(pipe, args.worlds, drift_steps=args.drift_steps, strip_path=args.strip)
+    result = evaluate(
+        pipe,
+        args.worlds,
+        drift_steps=args.drift_steps,
+        strip_path=args.strip,
+        idle_worlds=args.idle_worlds,
+        idle_steps=args.idle_steps,
+    )
     for key, value in asdict(result).items():
         print(f"{key:36s} {value}")
     if args.json is not None:

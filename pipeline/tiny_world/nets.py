@@ -23,6 +23,30 @@ from torch import Tensor, nn
 from pipeline.errors import ConfigError
 from pipeline.kv_cache import SlidingWindowKVCache
 
+# ---------------------------------------------------------------------------- batch invariance
+
+ROW_MULTIPLE = 4
+"""Row counts of matrix products that give every row the same result whatever the batch.
+
+On CPU, MKL's sgemm sums a row's products in another order when a product has fewer than 4 rows,
+and, with several threads, when the row count is not a multiple of 4 (measured with torch 2.13's
+MKL: rows 1-3 always, 5-7 and 9-11 too with 2 threads). A rollout alone multiplies 1 row where a
+batch of ``B`` multiplies ``B`` rows, so without care a session's frames depend on who it shares a
+batch with. :meth:`DynamicsTransformer.condition` pads its rollouts (the per-frame conditioning
+vectors, one row per rollout and frame) to a multiple of 4 rows (tested in
+``tests/test_tiny_world_quality.py``). The token products need nothing: 16 rows per frame. The
+decoder has its own case (:meth:`ResBlock.forward_batch_invariant`).
+"""
+
+
+def rows_to_multiple(batch: int, frames: int) -> int:
+    """Smallest batch ``>= batch`` whose ``batch * frames`` rows are a multiple of :data:`ROW_MULTIPLE`."""
+    padded = batch
+    while (padded * frames) % ROW_MULTIPLE:
+        padded += 1
+    return padded
+
+
 # ---------------------------------------------------------------------------- autoencoder
 
 
@@ -46,6 +70,19 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+    def forward_batch_invariant(self, x: Tensor) -> Tensor:
+        """:meth:`forward` whose every image is the same whatever the batch size.
+
+        oneDNN runs the decoder's 128 -> 128 channel 3x3 convolutions at 8x8 with another
+        algorithm for a batch of 1 than for 2 or more (outputs differ by ~3e-6, enough to flip a
+        uint8 pixel now and then; batches of 2..64 agree with each other at 1-4 threads, measured
+        with torch 2.13). A batch of 1 therefore runs as 2 copies (+0.04 ms on one thread).
+        """
+        if x.shape[0] != 1:
+            return self(x)
+        pair = torch.cat([x, x]).contiguous(memory_format=torch.channels_last)
+        return self(pair)[:1]
 
 
 class Autoencoder(nn.Module):
@@ -91,6 +128,17 @@ class Autoencoder(nn.Module):
     def decode(self, latent: Tensor) -> Tensor:
         """Raw latent ``[B, C, 8, 8]`` → image ``[B, 3, 64, 64]`` (roughly ``[-1, 1]``)."""
         return self.decoder(latent)
+
+    def decode_batch_invariant(self, latent: Tensor) -> Tensor:
+        """:meth:`decode` whose every image is the same whatever the batch (inference).
+
+        Only the residual block needs care (:meth:`ResBlock.forward_batch_invariant`); the other
+        convolutions give a batch of 1 and a batch of several the same values (tested).
+        """
+        x = latent
+        for layer in self.decoder:
+            x = layer.forward_batch_invariant(x) if isinstance(layer, ResBlock) else layer(x)
+        return x
 
 
 # ---------------------------------------------------------------------------- dynamics
@@ -197,15 +245,17 @@ class DynamicsBlock(nn.Module):
     ) -> tuple[Tensor, KV]:
         """One block.
 
-        ``x [B, F, P, d]`` tokens of ``F`` frames, ``cond [B, F, d]``, ``rope`` tables for the
-        ``F * P`` tokens of ``x``; ``context`` optional already-rotated keys and values
-        ``[B, H, Nc, hd]`` prepended to the attention; ``mask [F*P, Nc + F*P]`` (True = attend).
-        Returns the new ``x`` and this block's un-rotated keys and values of ``x``.
+        ``x [B, F, P, d]`` tokens of ``F`` frames, ``cond [B', F, d]`` (``B' >= B``: the first
+        ``B`` rows are used), ``rope`` tables for the ``F * P`` tokens of ``x``; ``context``
+        optional already-rotated keys and values ``[B, H, Nc, hd]`` prepended to the attention;
+        ``mask [F*P, Nc + F*P]`` (True = attend). Returns the new ``x`` and this block's
+        un-rotated keys and values of ``x``.
         """
         b, f, p, d = x.shape
         h = self.heads
         hd = d // h
-        s1, b1, g1, s2, b2, g2 = self.ada(cond).unsqueeze(2).chunk(6, dim=-1)
+        # cond may carry padding rollouts past x's batch (see DynamicsTransformer.condition).
+        s1, b1, g1, s2, b2, g2 = self.ada(cond)[:b].unsqueeze(2).chunk(6, dim=-1)
         y = self.norm1(x) * (1 + s1) + b1
         q, k, v = self.qkv(y).view(b, f * p, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
         cos, sin = rope
@@ -262,7 +312,17 @@ class DynamicsTransformer(nn.Module):
 
     # ---- building blocks ------------------------------------------------------------------
     def condition(self, sigma: Tensor, action: Tensor) -> Tensor:
-        """Per-frame condition ``[B, F, d]`` from noise levels and actions ``[B, F]``."""
+        """Per-frame condition ``[B', F, d]`` from noise levels and actions ``[B, F]``.
+
+        ``B' >= B``: padded with no-op rollouts at σ=0 until ``B' * F`` is a multiple of
+        :data:`ROW_MULTIPLE`, so that the conditioning products (one row per rollout and frame)
+        give a rollout the same values alone and in a batch; users take the first ``B`` rows.
+        """
+        b, f = sigma.shape
+        padded = rows_to_multiple(b, f)
+        if padded != b:
+            sigma = torch.cat([sigma, sigma.new_zeros(padded - b, f)])
+            action = torch.cat([action, action.new_zeros(padded - b, f)])
         emb = timestep_embedding(sigma).to(self.inp.weight.dtype)
         return F.silu(self.sigma_mlp(emb) + self.action_emb(action))
 
@@ -283,7 +343,7 @@ class DynamicsTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x, kv = block(x, cond, rope, None if contexts is None else contexts[i], mask)
             kvs.append(kv)
-        shift, scale = self.ada_out(cond).unsqueeze(2).chunk(2, dim=-1)
+        shift, scale = self.ada_out(cond)[: x.shape[0]].unsqueeze(2).chunk(2, dim=-1)
         return self.out(self.norm_out(x) * (1 + scale) + shift), kvs
 
     # ---- training -------------------------------------------------------------------------
