@@ -6,7 +6,11 @@ Three tasks per connection:
   pings, while the app receives); parses and answers every client message at once. Steps are
   validated and queued on the device worker without waiting for them.
 * **send** — takes accepted steps in order, waits for the worker's frames, encodes them on the
-  codec pool and sends the binary frames followed by ``step_done``.
+  codec pool (raw frames inline: a copy) and sends the binary frames followed by ``step_done``.
+  The hot path writes a step's messages in one transport write without awaiting
+  (:meth:`~server.flow.FlowGuard.send_now`); only while the socket is full, or another message
+  of this connection is being sent (``_send_lock``), does it send them one by one, waiting. All
+  of it runs on the event loop, so nothing comes between a step's messages.
 * **watchdog** — ends idle sessions / connections.
 
 Nothing a client sends costs the event loop more than a small, bounded time: messages are
@@ -61,7 +65,8 @@ from protocol import (
 )
 from protocol.errors import shorten
 from server.errors import QueueTimeoutError
-from server.flow import flow_guard
+from server.flow import FLOW_EXTENSION, flow_guard
+from server.metrics import STAGES
 from server.ratelimit import MessageRateLimiter, RateVerdict
 from server.sessions import Session
 from server.watchers import WatchedStep, Watcher
@@ -95,6 +100,46 @@ class _PendingStep:
     """The validated action (for the session's recording)."""
 
 
+STEP_DONE_JSON = (
+    '{"type":"step_done","step":%d,"frames":%d,"client_ts":%s,"timing":{"queue_ms":%r,'
+    '"generate_ms":%r,"encode_ms":%r,"server_ms":%r,"finalize_ms":%r},"watchers":%d}'
+)
+"""The player's ``step_done``: what ``StepDoneMessage.model_dump_json`` gives (without the
+watcher-only fields), formatted directly (a test holds them equal)."""
+
+
+@dataclass(frozen=True)
+class _StepDone:
+    """A sent step's ``step_done`` (:meth:`json`) and timing (:meth:`timing`), made on demand."""
+
+    pending: _PendingStep
+    result: StepResult
+    encode_ms: float
+    frames: int
+    t_sent: float
+    """``time.monotonic()`` when the step's last frame was handed to the socket."""
+    watchers: int
+
+    def stage_ms(self) -> tuple[float, float, float, float, float]:
+        """Milliseconds of each of :data:`~server.metrics.STAGES`, in that order."""
+        r = self.result
+        server_ms = (self.t_sent - self.pending.t_received) * 1000.0
+        return r.queue_ms, r.generate_ms, r.finalize_ms, self.encode_ms, server_ms
+
+    def timing(self) -> StepTiming:
+        queue, generate, finalize, encode, server = (round(ms, 3) for ms in self.stage_ms())
+        return StepTiming(
+            queue_ms=queue, generate_ms=generate, encode_ms=encode, server_ms=server, finalize_ms=finalize
+        )
+
+    def json(self) -> str:
+        queue, generate, finalize, encode, server = (round(ms, 3) for ms in self.stage_ms())
+        ts = self.pending.client_ts
+        client_ts = "null" if ts is None else repr(float(ts))
+        step, frames, watchers = self.pending.step, self.frames, self.watchers
+        return STEP_DONE_JSON % (step, frames, client_ts, queue, generate, encode, server, finalize, watchers)
+
+
 class Connection:
     """One client WebSocket (already accepted) driving at most one session at a time."""
 
@@ -125,7 +170,8 @@ class Connection:
         self._limiter = MessageRateLimiter(cfg.rate_limit_per_s, cfg.rate_burst, cfg.rate_limit_close_s)
         self._guard = flow_guard(ws.scope)
         if self._guard is None:
-            self.log.warning("no flow guard: the server's WebSocket protocol is not server.limits' one")
+            if FLOW_EXTENSION not in ws.scope.get("extensions", {}):  # None there: none by design (a fleet)
+                self.log.warning("no flow guard: the server's WebSocket protocol is not server.limits' one")
         else:
             self._guard.bind(self._limiter, self._on_ping_over_limit, self.log)
 
@@ -613,6 +659,8 @@ class Connection:
             await self._send_step(pending, result)
 
     async def _send_step(self, pending: _PendingStep, result: StepResult) -> None:
+        """The step's frames then its ``step_done``: in one write when the socket takes them now
+        (:meth:`_send_now`), else one message at a time, waiting for the socket."""
         session = self.session
         if session is None or result.frames is None:
             self._step_finished()
@@ -635,56 +683,71 @@ class Connection:
             FrameHeader(session.codec, pending.step, index, count, width, height).pack() + payload
             for index, payload in enumerate(encoded.payloads)
         )
-        for message in messages:
-            if not await self._send(message):
-                self._step_finished()
-                return
-        sent_bytes = sum(len(p) for p in encoded.payloads)
         t_sent = time.monotonic()
-        self.ctx.timeline.record("sent", session.id, pending.step, t_sent, None, result.batch)
-        server_ms = (t_sent - pending.t_received) * 1000.0
-        timing = StepTiming(
-            queue_ms=round(result.queue_ms, 3),
-            generate_ms=round(result.generate_ms, 3),
-            encode_ms=round(encoded.encode_ms, 3),
-            server_ms=round(server_ms, 3),
-            finalize_ms=round(result.finalize_ms, 3),
-        )
+        done = _StepDone(pending, result, encoded.encode_ms, count, t_sent, len(session.watchers))
+        sent = self._send_now((*messages, done.json()))
+        if sent is None:  # the connection is gone
+            self._step_finished()
+            return
+        if not sent:  # the socket is full (or another message is being sent): wait for it
+            for message in messages:
+                if not await self._send(message):
+                    self._step_finished()
+                    return
+            t_sent = time.monotonic()
+            done = _StepDone(pending, result, encoded.encode_ms, count, t_sent, len(session.watchers))
+        self._account_step(session, pending, result, messages, done)
+        # The credit comes back before step_done leaves (the client may answer it at once), but
+        # "nothing in flight" is only signalled once step_done is out (a drain waits for it).
+        self.inflight = max(0, self.inflight - 1)
+        if not sent:
+            await self._send(done.json())
+        self._step_finished(credit=False)
+
+    def _send_now(self, messages: tuple[bytes | str, ...]) -> bool | None:
+        """Hand ``messages`` to the socket in one write, without waiting: True if done; False if
+        the socket is full or another send is under way (nothing sent); ``None``: the connection
+        is gone (marked done)."""
+        if self._guard is None or self._send_lock.locked():
+            return False
+        try:
+            return self._guard.send_now(messages)
+        except Exception as exc:
+            self.log.debug("send failed, connection gone: {!r}", exc)
+            self._done.set()
+            return None
+
+    def _account_step(
+        self,
+        session: Session,
+        pending: _PendingStep,
+        result: StepResult,
+        messages: tuple[bytes, ...],
+        done: _StepDone,
+    ) -> None:
+        """A step's frames are out: count them, record the step, offer it to the watchers."""
+        count = len(messages)
+        sent_bytes = sum(len(m) for m in messages) - FrameHeader.SIZE * count  # payloads only
         session.steps += 1
         session.frames += count
         session.bytes_sent += sent_bytes
         session.last_sent_step = pending.step
         session.touch()
+        self.ctx.timeline.record("sent", session.id, pending.step, done.t_sent, None, result.batch)
         if session.recording is not None:
+            timing = done.timing()
             session.recording.step(pending.step, pending.action, pending.t_received, timing, result.batch)
         if session.watchers:  # the same bytes, once per watcher's queue (never waits)
-            item = WatchedStep(pending.step, messages, timing, t_sent)
+            item = WatchedStep(pending.step, messages, done.timing(), done.t_sent)
             for watcher in session.watchers:
                 watcher.offer(item)
         m = self.ctx.metrics
         m.steps.inc()
         m.frames.inc(count)
         m.bytes_sent.inc(sent_bytes)
-        for stage, ms in (
-            ("queue", result.queue_ms),
-            ("generate", result.generate_ms),
-            ("finalize", result.finalize_ms),
-            ("encode", encoded.encode_ms),
-            ("server", server_ms),
-        ):
-            m.stage_latency.labels(stage=stage).observe(ms / 1000.0)
-        # The credit comes back before step_done leaves (the client may answer it at once), but
-        # "nothing in flight" is only signalled once step_done is out (a drain waits for it).
-        self.inflight = max(0, self.inflight - 1)
-        done = StepDoneMessage(
-            step=pending.step,
-            frames=count,
-            client_ts=pending.client_ts,
-            timing=timing,
-            watchers=len(session.watchers),
-        )
-        await self._send(done.model_dump_json(exclude={"dropped", "behind_ms"}))
-        self._step_finished(credit=False)
+        stages = m.stage_seconds
+        for stage, ms in zip(STAGES, done.stage_ms(), strict=True):
+            stages[stage].observe(ms / 1000.0)
 
     async def _overloaded(self, step: int, cause: QueueTimeoutError) -> None:
         """``step`` expired in the worker's queue: detach the session (resumable from ``step``)

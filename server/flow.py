@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from server.ratelimit import MessageRateLimiter, RateVerdict
@@ -26,6 +26,9 @@ class GuardedProtocol(Protocol):
     transport: asyncio.Transport
     read_paused: bool
     """The protocol paused reading itself: the app has not taken the last message yet."""
+
+    def write_now(self, messages: Sequence[bytes | str]) -> bool:
+        """Send WebSocket messages at once in one write if writing is not paused; else False."""
 
 
 def flow_guard(scope: Mapping[str, Any]) -> FlowGuard | None:
@@ -99,6 +102,12 @@ class FlowGuard:
             self.over_limit(verdict)
 
     # ---- called by the app ---------------------------------------------------------------------
+    def send_now(self, messages: Sequence[bytes | str]) -> bool:
+        """Send ``messages`` (``bytes``: binary, ``str``: text) in one transport write, without
+        waiting, unless writing is paused (then False and nothing is sent: the caller sends them
+        the usual way, which waits). The hot path of a step: its frames and ``step_done``."""
+        return self.protocol.write_now(messages)
+
     def hold_reading(self) -> None:
         """Pause reading while the outgoing buffer is full (uvicorn resumes reading whenever the
         app has taken every message: call this after that)."""

@@ -31,13 +31,15 @@ import ipaddress
 import resource
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from loguru import logger
 from uvicorn.middleware.proxy_headers import _TrustedHosts  # the rule the app's middleware applies
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-from uvicorn.protocols.utils import get_remote_addr
+from uvicorn.protocols.utils import ClientDisconnected, get_remote_addr
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 
 from server.config import ServerConfig
 from server.flow import FLOW_EXTENSION, FlowGuard
@@ -312,6 +314,28 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().handle_ping()
         if self.flow is not None:
             self.flow.on_ping_frame()
+
+    def write_now(self, messages: Sequence[bytes | str]) -> bool:
+        """Send ``messages`` (``bytes``: binary, ``str``: text) at once, as one transport write:
+        the same WebSocket frames uvicorn's ``send`` makes, one write instead of one per message
+        and no await. Only while writing is not paused (else False, nothing sent: use the ASGI
+        ``send``, which waits for the transport), so the buffer exceeds the high-water mark by at
+        most one call's messages; raises ``ClientDisconnected`` on a connection that is gone."""
+        if self.disconnected:
+            raise ClientDisconnected()
+        ready = self.handshake_complete and self.initial_response is None and not self.close_sent
+        if not ready or not self.writable.is_set() or self.transport.is_closing():
+            return False
+        try:
+            for message in messages:
+                if isinstance(message, bytes):
+                    self.conn.send_binary(message)
+                else:
+                    self.conn.send_text(message.encode())
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.release(self.transport)

@@ -17,6 +17,8 @@ LATENCY_BUCKETS_S = (
 """Histogram buckets of per-stage step latency, in seconds."""
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+STAGES = ("queue", "generate", "finalize", "encode", "server")
+"""The ``stage`` labels of ``dreamstream_step_stage_seconds``."""
 
 
 class BusyMeter:
@@ -80,6 +82,9 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.stage_seconds = {stage: self.stage_latency.labels(stage=stage) for stage in STAGES}
+        """The labelled children of ``stage_latency`` (a label lookup per step costs more than the
+        observation)."""
         self.batch_size = Histogram(
             "dreamstream_batch_size",
             "Rollouts per generate call",

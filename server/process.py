@@ -42,6 +42,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 120.0,
         log_path: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.args = list(args or [])
         self.host = host
@@ -49,6 +50,9 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout_s = ready_timeout_s
         self.log_path = log_path
+        self.cwd = cwd
+        """Working directory of the server (``python -m dreamstream`` imports from it first: another
+        checkout's directory runs that checkout's code)."""
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: object | None = None
 
@@ -66,7 +70,9 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "dreamstream", "serve", "--host", self.host, "--port", str(self.port)]
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._log_file = out
-        self.proc = subprocess.Popen([*cmd, *self.args], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*cmd, *self.args], env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT
+        )
         self.wait_ready()
         return self
 

@@ -39,7 +39,8 @@ class Timeline:
     """Thread-safe ring buffer of the last ``size`` :class:`TimelineEvent`."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._events: deque[TimelineEvent] = deque(maxlen=size)
+        self._events: deque[tuple[str, str, int | None, float, float, int]] = deque(maxlen=size)
+        """Plain tuples (a step records four events; :class:`TimelineEvent` is made when read)."""
         self._lock = threading.Lock()
 
     def record(
@@ -52,7 +53,7 @@ class Timeline:
         batch: int = 1,
     ) -> None:
         """Append one event; ``t_end`` defaults to ``t_start`` (an instant)."""
-        event = TimelineEvent(kind, session, step, t_start, t_start if t_end is None else t_end, batch)
+        event = (kind, session, step, t_start, t_start if t_end is None else t_end, batch)
         with self._lock:
             self._events.append(event)
 
@@ -63,7 +64,8 @@ class Timeline:
     def events(self) -> list[TimelineEvent]:
         """A snapshot, oldest first."""
         with self._lock:
-            return list(self._events)
+            events = list(self._events)
+        return [TimelineEvent(*event) for event in events]
 
     def clear(self) -> None:
         with self._lock:

@@ -8,7 +8,8 @@ Scheduling (one *round* at a time, on the worker thread):
    most once), up to ``max_batch`` of them.
 3. ``generate_batch`` (or ``generate`` for a batch of one, or for pipelines without batch support)
    → frames are copied towards host memory and **handed to each session's sender at once**
-   (``loop.call_soon_threadsafe``) → ``finalize_batch`` runs right after, while the frames are
+   (one ``loop.call_soon_threadsafe`` for the whole round, :func:`deliver_all`, which completes
+   each step's future on the loop) → ``finalize_batch`` runs right after, while the frames are
    encoded and travel and the player thinks. Sessions with more queued steps go to the back of
    the FIFO, so every ready session runs once before any runs twice (round-robin, no starvation).
 
@@ -186,23 +187,53 @@ class _Slot:
     :meth:`DeviceWorker.cancel_queued` (the session's connection lets go of it)."""
 
 
-def resolve_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> Callable[[Any], None]:
-    """A thread-safe callback that completes ``future`` (on ``loop``) with a value or exception."""
+class LoopDelivery:
+    """A thread-safe ``deliver`` that completes ``future`` on ``loop`` with a value or exception.
 
-    def _set(value: Any) -> None:
-        if future.done():
-            return
-        if isinstance(value, BaseException):
-            future.set_exception(value)
-        else:
-            future.set_result(value)
+    :func:`deliver_all` wakes each loop once for many of these (one round's steps)."""
 
-    def deliver(value: Any) -> None:
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.loop = loop
+        self.future = future
+
+    def __call__(self, value: Any) -> None:
         # A closed loop means nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_set, value)
+            self.loop.call_soon_threadsafe(_resolve, self.future, value)
 
-    return deliver
+
+def resolve_in_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> LoopDelivery:
+    """A thread-safe callback that completes ``future`` (on ``loop``) with a value or exception."""
+    return LoopDelivery(loop, future)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+def _resolve_all(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, value in answers:
+        _resolve(future, value)
+
+
+def deliver_all(answers: list[tuple[Callable[[Any], None], Any]]) -> None:
+    """Call each ``deliver(value)``; those of :class:`LoopDelivery` with one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for deliver, value in answers:
+        if isinstance(deliver, LoopDelivery):
+            by_loop.setdefault(deliver.loop, []).append((deliver.future, value))
+        else:
+            deliver(value)
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve_all, batch)
 
 
 @dataclass
@@ -233,8 +264,7 @@ class OverlapSchedule(Schedule):
     batches = True
 
     def finish(self, worker: DeviceWorker, steps: list[Generated]) -> None:
-        for item in steps:
-            worker.handoff(item)
+        worker.handoff(steps)
         worker.finalize(steps)
 
 
@@ -254,7 +284,7 @@ class NaiveSchedule(Schedule):
                 worker.fail(item.request, "finalize", error, item.result.queue_ms)
             else:
                 item.result.finalize_ms = finalize_ms
-                worker.handoff(item)
+                worker.handoff([item])
 
 
 @dataclass
@@ -688,12 +718,19 @@ class DeviceWorker:
                 self.fail(req, "action_to_input", exc, queue_ms)
         return runnable
 
-    def handoff(self, item: Generated) -> None:
-        """Give a step's frames to its session (they are encoded and sent on the event loop)."""
-        result = item.result
-        result.t_handoff = time.monotonic()
-        self.timeline.record("handoff", result.session_id, result.step, result.t_handoff, None, result.batch)
-        self._answer(item.request, result)
+    def handoff(self, items: list[Generated]) -> None:
+        """Give steps' frames to their sessions (they are encoded and sent on the event loop), all
+        at once: one wake-up of the event loop for the lot (:func:`deliver_all`)."""
+        t_handoff = time.monotonic()
+        with self._cond:
+            fresh = [item for item in items if not item.request.answered]
+            for item in fresh:
+                item.request.answered = True
+        for item in fresh:
+            result = item.result
+            result.t_handoff = t_handoff
+            self.timeline.record("handoff", result.session_id, result.step, t_handoff, None, result.batch)
+        deliver_all([(item.request.deliver, item.result) for item in fresh])
 
     def _generate(self, runnable: list[tuple[_Slot, StepRequest, Any]]) -> list[Any]:
         """Outputs (or the exception of each rollout that failed), in ``runnable``'s order."""
