@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from clients.codec import decode_frame
 from clients.errors import (
@@ -71,7 +72,9 @@ from protocol import (
     StepDoneMessage,
     StepTiming,
     WatchingMessage,
+    is_routable,
     parse_server_message,
+    session_subprotocol,
 )
 
 STEP_ERROR_CODES = frozenset({ErrorCode.BAD_ACTION, ErrorCode.OUT_OF_ORDER, ErrorCode.TOO_MANY_INFLIGHT})
@@ -362,6 +365,10 @@ class AsyncStreamClient:
         self._watch: WatchBuffer | None = None
         self._watch_packets: list[FramePacket] = []
         self._watch_ended = False
+        self._route: str | None = None
+        """The session this connection was opened for (its routing subprotocol), if any."""
+        self._busy = False
+        """This connection drives or watches a session (got ``ready`` or ``watching``)."""
 
     # ---- connection --------------------------------------------------------------------------
     @property
@@ -398,14 +405,19 @@ class AsyncStreamClient:
             return max(1, min(self.requested_inflight, server))
         return max(1, self.requested_inflight)
 
-    async def connect(self) -> None:
-        """Open the WebSocket. Raises :class:`HandshakeError` if refused or unreachable."""
+    async def connect(self, session_id: str | None = None) -> None:
+        """Open the WebSocket (for ``session_id``: offering its routing subprotocol, which takes the
+        connection to the fleet server holding it, ``protocol.routing``). Raises
+        :class:`HandshakeError` if refused or unreachable."""
         if self.connected:
             return
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        routed = session_id is not None and is_routable(session_id)
+        offered = [Subprotocol(session_subprotocol(session_id))] if session_id and routed else None
         try:
             ws = await connect(
                 self.url,
+                subprotocols=offered,
                 additional_headers=headers,
                 compression=None,
                 max_size=self.max_message_bytes,
@@ -420,6 +432,7 @@ class AsyncStreamClient:
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
             raise HandshakeError(self.url, None, f"{type(exc).__name__}: {exc}") from exc
         self._ws = ws
+        self._route, self._busy = session_id, False
         self._fatal = None
         self.watching, self._watch, self._watch_packets, self._watch_ended = None, None, [], False
         self.close_code, self.close_reason = None, ""
@@ -507,6 +520,8 @@ class AsyncStreamClient:
             raise NotConnectedError("resume() needs a session: call start() first or pass ids")
         if self.connected and self.ready is not None and sid == self.session_id:
             await self.close()  # a live connection already drives this session: start over
+        if self.connected and not self._busy and self._route != sid:
+            await self.close()  # opened for no session or another: reopen routed to this one
         msg = {"type": "resume", "session_id": sid, "resume_token": token}
         delay = backoff_s
         for _ in range(1, attempts):
@@ -531,7 +546,7 @@ class AsyncStreamClient:
         A watching connection cannot step; ``ping`` and ``end`` (stop watching) work.
         """
         new_buffer = WatchBuffer(buffer_steps)  # checks buffer_steps before connecting
-        await self.connect()  # a new connection forgets the watch of the last one
+        await self._route_to(session_id)  # a new connection forgets the watch of the last one
         fresh = self.watching is None and (self._watch is None or self._watch.closed)
         buffer = new_buffer if fresh else self._watch
         if fresh:  # else the server answers already_started and the current watch goes on
@@ -545,13 +560,25 @@ class AsyncStreamClient:
             raise
         if not isinstance(watching, WatchingMessage) or buffer is None:
             raise ProtocolViolation(f"expected 'watching' in answer to 'watch', got {watching.type!r}")
+        self._busy = True
         return WatchStream(watching, buffer)
 
+    async def _route_to(self, session_id: str) -> None:
+        """Make sure the connection is one opened for ``session_id`` (a fleet routes it to the
+        server holding the session); an idle connection opened otherwise is closed first."""
+        if self.connected and not self._busy and self._route != session_id:
+            await self.close()
+        await self.connect(session_id)
+
     async def _handshake_request(self, kind: str, msg: dict[str, Any]) -> ReadyMessage:
-        await self.connect()
+        if kind == "resume":
+            await self.connect(str(msg["session_id"]))
+        else:
+            await self.connect()
         ready = await self._request(kind, msg)
         if not isinstance(ready, ReadyMessage):
             raise ProtocolViolation(f"expected 'ready' in answer to {kind!r}, got {ready.type!r}")
+        self._busy = True
         self.ready = ready
         self.next_step = ready.next_step
         self._slots = asyncio.Semaphore(self.max_inflight)

@@ -8,6 +8,8 @@ and the standard library only; no torch, no web server):
   parsers both ends use;
 * :mod:`protocol.frames` — codecs and the 16-byte header of binary frame messages;
 * :mod:`protocol.errors` — error codes, close codes, :class:`ProtocolError`;
+* :mod:`protocol.routing` — the session routing key (``dreamstream.session.<id>`` subprotocol)
+  that takes a ``resume`` or ``watch`` to the fleet server holding the session;
 * :mod:`protocol.png` — the project's PNG encoder (frames with ``codec=png``) and a small
   decoder (clients without Pillow).
 """
@@ -45,6 +47,14 @@ from protocol.messages import (
     parse_client_message,
     parse_server_message,
 )
+from protocol.routing import (
+    SESSION_SUBPROTOCOL_PREFIX,
+    is_routable,
+    routed_session,
+    routed_session_from_header,
+    server_key,
+    session_subprotocol,
+)
 
 __all__ = [
     "CLIENT_MESSAGE_TYPES",
@@ -55,6 +65,7 @@ __all__ = [
     "FATAL_CLOSE",
     "PROTOCOL_VERSION",
     "SERVER_MESSAGE_TYPES",
+    "SESSION_SUBPROTOCOL_PREFIX",
     "STREAM_PATH",
     "WATCH_LINK_SESSION_PARAM",
     "WATCH_LINK_TOKEN_PARAM",
@@ -81,6 +92,11 @@ __all__ = [
     "WatchMessage",
     "WatchingMessage",
     "describe_validation_error",
+    "is_routable",
     "parse_client_message",
     "parse_server_message",
+    "routed_session",
+    "routed_session_from_header",
+    "server_key",
+    "session_subprotocol",
 ]

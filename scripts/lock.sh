@@ -28,7 +28,7 @@ python3 -m venv "$tmp/venv"
 printf 'torch==%s\nsetuptools\nwheel\n' "$TORCH" >"$tmp/lock.in"
 
 "$tmp/venv/bin/uv" --no-config pip compile pyproject.toml "$tmp/lock.in" \
-    --extra server --extra dev \
+    --extra server --extra ray --extra dev \
     --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --custom-compile-command "bash scripts/lock.sh" \
     --quiet --output-file constraints.txt "$@"

@@ -28,12 +28,14 @@ from loguru import logger
 from pipeline.fingerprint import pipeline_identity
 from pipeline.registry import load_pipeline
 from pipeline.served import ServedPipeline, as_served
-from protocol import PROTOCOL_VERSION, STREAM_PATH, Codec
+from protocol import PROTOCOL_VERSION, STREAM_PATH, Codec, routed_session, session_subprotocol
 from server.access import is_loopback_name, origin_refusal, require_token, token_ok
 from server.codec import FrameCodec
 from server.config import ServerConfig
 from server.connection import Connection
 from server.context import ServerContext
+from server.fleet.view import FleetView
+from server.flow import FLOW_EXTENSION
 from server.limits import effective_max_connections, normalize_ip
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.recording import Recorder
@@ -103,8 +105,9 @@ def batch_torch_threads(requested: int | None) -> int:
     return requested if requested is not None else cpu_cores()
 
 
-async def build_context(config: ServerConfig) -> ServerContext:
-    """Load the pipeline (off the event loop) and start its device worker."""
+async def build_context(config: ServerConfig, session_prefix: str = "") -> ServerContext:
+    """Load the pipeline (off the event loop) and start its device worker. ``session_prefix`` goes
+    before every session id (a fleet server's key, :mod:`protocol.routing`)."""
     threads = worker_torch_threads(config.torch_threads)
     torch.set_num_threads(threads)  # for loading; the worker sets its own per batch
     sys.setswitchinterval(config.gil_switch_ms / 1000.0)
@@ -137,6 +140,7 @@ async def build_context(config: ServerConfig) -> ServerContext:
         max_sessions=config.max_sessions,
         resume_window_s=config.resume_window_s,
         max_sessions_per_client=config.max_sessions_per_client,
+        id_prefix=session_prefix,
     )
     return ServerContext(
         config=config,
@@ -219,13 +223,43 @@ def web_client_dir() -> Path | None:
     return path if (path / "index.html").is_file() else None
 
 
-def create_app(config: ServerConfig | None = None) -> FastAPI:
-    """The server app for ``config`` (default: from ``DREAMSTREAM_*`` environment variables)."""
+def info_limits(cfg: ServerConfig, max_batch: int) -> dict[str, Any]:
+    """The ``limits`` of ``/v1/info`` (of each replica, in a fleet)."""
+    return {
+        "max_sessions": cfg.max_sessions,
+        "max_inflight": cfg.max_inflight,
+        "max_batch": max_batch,
+        "max_message_bytes": cfg.max_message_bytes,
+        "idle_timeout_s": cfg.idle_timeout_s,
+        "resume_window_s": cfg.resume_window_s,
+        "max_sessions_per_client": cfg.max_sessions_per_client,
+        "max_watchers": cfg.max_watchers,
+        "max_connections": effective_max_connections(cfg),
+        "max_connections_per_client": cfg.max_connections_per_client,
+        "header_timeout_s": cfg.header_timeout_s,
+        "rate_limit_per_s": cfg.rate_limit_per_s,
+        "rate_burst": cfg.rate_burst,
+        "step_timeout_s": cfg.step_timeout_s,
+    }
+
+
+def accepted_subprotocol(ws: WebSocket) -> str | None:
+    """The session routing subprotocol the client offered (``protocol.routing``), to name in the
+    handshake answer (a browser fails a handshake whose answer names none of those it offered)."""
+    session_id = routed_session(ws.scope.get("subprotocols") or [])
+    return None if session_id is None else session_subprotocol(session_id)
+
+
+def create_app(config: ServerConfig | None = None, *, fleet: FleetView | None = None) -> FastAPI:
+    """The server app for ``config`` (default: from ``DREAMSTREAM_*`` environment variables).
+
+    ``fleet``: this server is one replica of a fleet (``server.fleet``): its session ids carry
+    the replica's key, and ``/readyz``, ``/v1/info`` and ``/metrics`` describe the whole fleet."""
     cfg = config or ServerConfig()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx = await build_context(cfg)
+        ctx = await build_context(cfg, fleet.session_prefix if fleet is not None else "")
         app.state.ctx = ctx
         watchdog: asyncio.Task[None] | None = None
         try:
@@ -246,8 +280,12 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
                 ctx.worker.max_batch,
                 cfg.naive,
             )
+            if fleet is not None:
+                await fleet.start(ctx)
             yield
         finally:
+            if fleet is not None:
+                await fleet.stop()
             if watchdog is not None:
                 watchdog.cancel()
             ctx.ready = False
@@ -288,12 +326,17 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
         the device worker failed)."""
         ctx = getattr(request.app.state, "ctx", None)
         ready = ctx is not None and ctx.ready and not ctx.draining and ctx.worker.alive
+        if fleet is not None and not ready:  # a fleet is ready while any replica is
+            ready = await fleet.any_ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        """Prometheus text exposition."""
-        return Response(context(request).metrics.render(), media_type=CONTENT_TYPE)
+        """Prometheus text exposition (of a fleet: every replica's, with a ``replica`` label)."""
+        local = context(request).metrics.render()
+        if fleet is not None:
+            local = await fleet.metrics(local)
+        return Response(local, media_type=CONTENT_TYPE)
 
     token_required = [Depends(require_token(cfg.token))]
 
@@ -312,7 +355,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             }
         except Exception:
             stream = None
-        return {
+        body: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,
             "stream_path": STREAM_PATH,
             "pipeline": ctx.pipeline_name,
@@ -322,27 +365,15 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             "default_codec": cfg.codec,
             "default_quality": cfg.quality,
             "auth": cfg.token is not None,
-            "limits": {
-                "max_sessions": cfg.max_sessions,
-                "max_inflight": cfg.max_inflight,
-                "max_batch": ctx.worker.max_batch,
-                "max_message_bytes": cfg.max_message_bytes,
-                "idle_timeout_s": cfg.idle_timeout_s,
-                "resume_window_s": cfg.resume_window_s,
-                "max_sessions_per_client": cfg.max_sessions_per_client,
-                "max_watchers": cfg.max_watchers,
-                "max_connections": effective_max_connections(cfg),
-                "max_connections_per_client": cfg.max_connections_per_client,
-                "header_timeout_s": cfg.header_timeout_s,
-                "rate_limit_per_s": cfg.rate_limit_per_s,
-                "rate_burst": cfg.rate_burst,
-                "step_timeout_s": cfg.step_timeout_s,
-            },
+            "limits": info_limits(cfg, ctx.worker.max_batch),
             "naive": cfg.naive,
             "sessions": {"active": len(ctx.sessions), "attached": ctx.sessions.attached},
             "action_schema": ctx.action_schema(),
             "options_schema": ctx.options_schema(),
         }
+        if fleet is not None:
+            body["fleet"] = await fleet.describe()
+        return body
 
     if cfg.debug_timeline:
 
@@ -369,7 +400,9 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
             logger.info("refused a {} handshake from {}: {}", STREAM_PATH, client_of(ws), refusal)
             await ws.send_denial_response(PlainTextResponse(f"403 Forbidden: {refusal}\n", status_code=403))
             return
-        await ws.accept()
+        if fleet is not None:  # behind Ray's proxy: no uvicorn protocol of ours (server.limits)
+            ws.scope.setdefault("extensions", {})[FLOW_EXTENSION] = None
+        await ws.accept(subprotocol=accepted_subprotocol(ws))
         CLIENT_ADDRESS.set(client_of(ws))  # for this connection's tasks: per-address session cap
         await Connection(ws, context(ws)).run()
 

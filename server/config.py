@@ -172,6 +172,15 @@ class ServerConfig(BaseSettings):
     """Python's thread switch interval (Python's default is 5 ms): how long the event loop may wait
     for the GIL while the worker launches kernels."""
 
+    ray: bool = False
+    """Serve a fleet on Ray Serve (extra 'ray'): --replicas servers (one per device, each with every
+    other option here) behind one URL on --host/--port; sessions stay on their replica."""
+    replicas: int = Field(default=2, ge=1, le=1024)
+    """With --ray: how many server replicas (on CUDA one GPU each, shared if there are fewer)."""
+    ray_address: str | None = None
+    """With --ray: the Ray cluster to join (e.g. 'auto', 'ray://head:10001'); none: start a local Ray.
+    Its nodes must run with RAY_SERVE_SESSION_ID_HEADER_KEY=sec-websocket-protocol (docs/deploy.md)."""
+
     @field_validator("batch_sizes", mode="before")
     @classmethod
     def _parse_sizes(cls, value: Any) -> Any:

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level, config.json_logs)
     startup_warnings(config, sock)
+    if config.ray:
+        return serve_fleet(config, sock)
     from server.app import create_app  # torch is imported here, after the checks above
 
     uv_config = uvicorn.Config(
@@ -223,6 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     if server.fault is not None:
         exit_now(EXIT_WORKER_FAILED)
     return 0
+
+
+def serve_fleet(config: ServerConfig, sock: socket.socket) -> int:
+    """``--ray``: the fleet of :mod:`server.fleet.run` on the port preflight found free."""
+    port = int(sock.getsockname()[1])
+    sock.close()  # Ray's proxy binds it
+    try:
+        from server.fleet.run import run_fleet
+    except ImportError as exc:
+        print(f"{PROG}: --ray needs Ray Serve: pip install 'dreamstream[ray]' ({exc})", file=sys.stderr)
+        return 2
+    return run_fleet(config.model_copy(update={"port": port}))
 
 
 def exit_now(status: int) -> None:

@@ -117,8 +117,11 @@ class SessionManager:
         max_sessions: int,
         resume_window_s: float,
         max_sessions_per_client: int = 0,
+        id_prefix: str = "",
     ) -> None:
         self.worker = worker
+        self.id_prefix = id_prefix
+        """Put before every session id: a fleet server's key and ``.`` (``protocol.routing``)."""
         self.metrics = metrics
         self.max_sessions = max_sessions
         self.max_sessions_per_client = max_sessions_per_client
@@ -164,7 +167,7 @@ class SessionManager:
             self._reserved_by[client] += 1
         try:
             session = Session(
-                id=secrets.token_urlsafe(SESSION_ID_BYTES),
+                id=self.id_prefix + secrets.token_urlsafe(SESSION_ID_BYTES),
                 resume_token=secrets.token_urlsafe(RESUME_TOKEN_BYTES),
                 pipeline=pipeline,
                 seed=seed,

@@ -349,8 +349,14 @@ const WATCH_LINK_TOKEN_PARAM = "wt";
     return `${proto}//${location.host}/v1/stream` + (token ? `?token=${encodeURIComponent(token)}` : "");
   }
 
-  function openSocket(onOpen) {
-    const sock = new WebSocket(wsUrl());
+  // A connection for an existing session (resume, watch) offers the subprotocol naming it, the one
+  // header a browser can set: a fleet (dreamstream serve --ray) routes it to the server holding
+  // the session (protocol/routing.py, docs/protocol.md "Fleets").
+  const SESSION_SUBPROTOCOL_PREFIX = "dreamstream.session.";
+
+  function openSocket(onOpen, sessionId) {
+    const routed = sessionId && /^[A-Za-z0-9._~-]{1,128}$/.test(sessionId);  // a valid subprotocol token
+    const sock = routed ? new WebSocket(wsUrl(), [SESSION_SUBPROTOCOL_PREFIX + sessionId]) : new WebSocket(wsUrl());
     sock.binaryType = "arraybuffer";
     ws = sock;
     sock.onopen = () => { if (ws === sock) onOpen(sock); };
@@ -403,7 +409,7 @@ const WATCH_LINK_TOKEN_PARAM = "wt";
     if (!dbg.ready) return;
     setConn("reconnecting", `resuming (try ${reconnectAttempt})`);
     const { session_id, resume_token } = dbg.ready;
-    openSocket((sock) => sock.send(JSON.stringify({ type: "resume", session_id, resume_token })));
+    openSocket((sock) => sock.send(JSON.stringify({ type: "resume", session_id, resume_token })), session_id);
   }
 
   // retry after a backoff: `resume` (a player) or `watch` again (a spectator)
@@ -668,7 +674,7 @@ const WATCH_LINK_TOKEN_PARAM = "wt";
     els.watchStatus.textContent = reconnectAttempt ? "Connection lost; watching again…" : "Connecting…";
     const msg = { type: "watch", session_id: dbg.watch.sessionId,
                   watch_token: params.get(WATCH_LINK_TOKEN_PARAM) || "" };
-    openSocket((sock) => sock.send(JSON.stringify(msg)));
+    openSocket((sock) => sock.send(JSON.stringify(msg)), dbg.watch.sessionId);
   }
 
   function onWatching(msg) {
