@@ -213,12 +213,6 @@ def summary(recording: Recording, out: Path, n_steps: int, n_frames: int) -> str
     header = recording.header
     line = f"{recording.path}: {header.pipeline} (fingerprint {header.fingerprint[:12]}…): "
     line += f"{n_steps} steps, {n_frames} frames -> {out}"
-    batched = sum(s.batch > 1 for s in recording.steps)
-    if batched:
-        line += (
-            f"; {batched} steps ran batched with other sessions (floating-point kernels may round "
-            "those frames differently from this replay)"
-        )
     reason = recording.incomplete_reason()
     return line + (f"; incomplete recording: {reason}" if reason else "")
 

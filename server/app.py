@@ -87,28 +87,28 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def worker_torch_threads(requested: int | None) -> int:
+def worker_torch_threads(requested: int | None, cores: int | None = None) -> int:
     """Intra-op threads for the device worker's small batches: ``requested``, else every core but one.
 
     One core is left to the event loop and the frame codec: on a 2-core machine a second OpenMP
     thread spin-waits against them and made a tiny-world step 2x slower (41 ms vs 20 ms).
     """
-    return requested if requested is not None else max(1, cpu_cores() - 1)
+    return requested if requested is not None else max(1, (cores or cpu_cores()) - 1)
 
 
-def batch_torch_threads(requested: int | None) -> int:
+def batch_torch_threads(requested: int | None, cores: int | None = None) -> int:
     """Intra-op threads for batches of 4+ sessions: ``requested``, else every core.
 
     A big batch keeps every thread busy between synchronisations: on 2 cores, 8 saturating
     tiny-world sessions got 86 frames/s with 2 threads for big batches vs 61 with 1.
     """
-    return requested if requested is not None else cpu_cores()
+    return requested if requested is not None else cores or cpu_cores()
 
 
 async def build_context(config: ServerConfig, session_prefix: str = "") -> ServerContext:
     """Load the pipeline (off the event loop) and start its device worker. ``session_prefix`` goes
     before every session id (a fleet server's key, :mod:`protocol.routing`)."""
-    threads = worker_torch_threads(config.torch_threads)
+    threads = worker_torch_threads(config.torch_threads, config.cpus)
     torch.set_num_threads(threads)  # for loading; the worker sets its own per batch
     sys.setswitchinterval(config.gil_switch_ms / 1000.0)
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ async def build_context(config: ServerConfig, session_prefix: str = "") -> Serve
         batch_sizes=config.batch_sizes,
         schedule=NaiveSchedule() if config.naive else OverlapSchedule(),
         torch_threads=threads,
-        batch_torch_threads=batch_torch_threads(config.batch_torch_threads),
+        batch_torch_threads=batch_torch_threads(config.batch_torch_threads, config.cpus),
         timeline=timeline,
         metrics=metrics,
     )

@@ -36,11 +36,13 @@ def max_ongoing_requests(config: ServerConfig) -> int:
     return min(MAX_ONGOING_CEILING, config.max_sessions * (1 + config.max_watchers) + 64)
 
 
-def actor_options(config: ServerConfig, num_gpus: float | None = None) -> dict[str, Any]:
-    """``ray_actor_options`` of a replica: one GPU (``num_gpus``) on CUDA, one CPU otherwise."""
+def actor_options(config: ServerConfig, replicas: int, num_gpus: float | None = None) -> dict[str, Any]:
+    """``ray_actor_options`` of a replica: one GPU (``num_gpus``) on CUDA and one CPU; on CPU, an
+    equal share of this machine's cores (a replica runs its torch threads on what it is given)."""
     if num_gpus is None:
         num_gpus = 1.0 if wants_cuda(config) else 0.0
-    options: dict[str, Any] = {"num_cpus": 1}
+    cpus = 1 if num_gpus else max(1, (os.cpu_count() or 1) // max(1, replicas))
+    options: dict[str, Any] = {"num_cpus": cpus}
     if num_gpus:
         options["num_gpus"] = num_gpus
     return options
@@ -65,7 +67,7 @@ def deployment_options(config: ServerConfig, replicas: int, num_gpus: float | No
     }
     return {
         "num_replicas": replicas,
-        "ray_actor_options": actor_options(config, num_gpus),
+        "ray_actor_options": actor_options(config, replicas, num_gpus),
         "max_ongoing_requests": max_ongoing_requests(config),
         "request_router_config": RequestRouterConfig(**router),
         # Ray waits this long for open WebSockets to end after it began stopping a replica; the

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from loguru import logger
 from ray import serve
@@ -54,6 +55,13 @@ def _ray_replica_impl() -> Any:
             if isinstance(obj, Replica) and hasattr(obj, "_shutting_down"):
                 return obj
     return None
+
+
+def with_assigned_cpus(config: ServerConfig) -> ServerConfig:
+    """``config`` with ``cpus`` (when not set) = the CPUs Ray assigned this replica, so that its
+    torch threads are sized by its share of the node, not by every core its neighbours use too."""
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    return config.model_copy(update={"cpus": cpus}) if cpus >= 1 and config.cpus is None else config
 
 
 class FleetMember:
@@ -170,7 +178,7 @@ class ReplicaServer:
     """One dreamstream server (``config``: a :class:`ServerConfig` as a dict) in a Ray Serve replica."""
 
     def __init__(self, config: dict[str, Any], registry: DeploymentHandle | None = None) -> None:
-        self.config = ServerConfig(**config)
+        self.config = with_assigned_cpus(ServerConfig(**config))
         setup_logging(self.config.log_level, self.config.json_logs)
         add_secret(self.config.token)
         app_dir = str(Path(self.config.app_dir).resolve())
