@@ -64,8 +64,18 @@ async def watch(url: str, ready: dict[str, Any], max_queue: int | None = None) -
     return ws
 
 
-async def run(url: str, steps: int, watchers: int) -> dict[str, Any]:
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` (``VmRSS``), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+async def run(url: str, steps: int, watchers: int, pid: int) -> dict[str, Any]:
+    """Round trips per condition, and the server's RSS growth while stalled watchers were on."""
     results: dict[str, list[float]] = {"none": [], "reading": [], "stalled": []}
+    growth: list[float] = []
     async with websockets.connect(url, max_size=1 << 24, compression=None) as player:
         await player.send(json.dumps({"type": "start", "seed": 1}))
         ready = json.loads(await player.recv())
@@ -80,13 +90,16 @@ async def run(url: str, steps: int, watchers: int) -> dict[str, Any]:
                     conns = [await watch(url, ready, 1 if stalled else None) for _ in range(watchers)]
                     readers = [] if stalled else [asyncio.create_task(drain(c)) for c in conns]
                     await asyncio.sleep(0.2)
+                rss0 = rss_mb(pid)
                 results[condition] += await lockstep(player, steps, next_step)
                 next_step += steps
+                if condition == "stalled":
+                    growth.append(rss_mb(pid) - rss0)
                 for c in conns:
                     c.transport.abort()
                 if condition == "reading":
                     await asyncio.gather(*readers, return_exceptions=True)
-    return {k: np.asarray(v) for k, v in results.items()}
+    return {"rtts": {k: np.asarray(v) for k, v in results.items()}, "stalled_rss_growth_mb": growth}
 
 
 FLEET_ARGS = [
@@ -143,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with ServerProcess(SERVER_ARGS, log_path=args.out / "server.log") as srv:
-        rtts = asyncio.run(run(f"ws://127.0.0.1:{srv.port}/v1/stream", args.steps, args.watchers))
+        assert srv.proc is not None
+        part1 = asyncio.run(
+            run(f"ws://127.0.0.1:{srv.port}/v1/stream", args.steps, args.watchers, srv.proc.pid)
+        )
+        rtts = part1["rtts"]
         dropped = urllib_metric(srv.base_url, "dreamstream_watch_dropped_steps_total")
     base = {q: float(np.percentile(rtts["none"], q)) for q in (50, 99)}
     report: dict[str, Any] = {
@@ -160,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         report[condition] = {"p50_ms": round(p50, 2), "p99_ms": round(p99, 2), "p50_ratio": round(r50, 3)}
         report[condition]["p99_ratio"] = round(r99, 3)
         print(f"{condition:8s} p50 {p50:6.2f} ms ({r50:.2f}x)  p99 {p99:6.2f} ms ({r99:.2f}x)")
-    print(f"steps dropped for the stalled watchers: {dropped:g}")
+    report["stalled_rss_growth_mb"] = [round(g, 1) for g in part1["stalled_rss_growth_mb"]]
+    print(
+        f"steps dropped for the stalled watchers: {dropped:g}; server RSS growth while they were on: "
+        f"{', '.join(f'{g:+.1f}' for g in part1['stalled_rss_growth_mb'])} MB"
+    )
     report["fleet"] = part2 = fleet(args.fleet_steps, args.watchers, args.out)
     for case in ("alone", "watched"):
         r = part2[case]
