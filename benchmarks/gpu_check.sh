@@ -3,6 +3,8 @@
 #   1. the CUDA-marked tests;
 #   2. tiny-world's per-step speed on CUDA (batch 1 .. 64, fp32 / bf16);
 #   3. the benchmark suite (overhead, finalize hiding, scaling to 64 sessions, memory) on CUDA;
+#   3b. the host ceiling (#15 item 3: synthetic at zero model cost, 8 / 32 / 64 sessions, and the
+#      per-session fps spread) on this machine's host;
 #   4. the rest of the test suite (browser tests excluded) — on CUDA, since servers and
 #      pipelines default to device="auto".
 #
@@ -58,6 +60,8 @@ stage "tiny-world speed" 60 $py benchmarks/tiny_world_speed.py --device cuda --c
 stage "benchmark suite" 200 $py -m benchmarks.run --quick --device cuda --sessions 1 8 32 64 \
   --only overhead,finalize_hiding,scaling,memory --out "$out/more/results"
 cp "$out/more/results/results.md" "$out/" 2>/dev/null || true
+stage "host ceiling" 90 $py -m benchmarks.host_ceiling --sessions 8 32 64 --rounds 1 --duration-s 4 \
+  --out "$out/host_ceiling.json"
 stage "suite on cuda" 150 $py -m pytest -q -p no:cacheprovider -m "not browser and not cuda" \
   --timeout 60 --junitxml="$out/more/suite.xml"
 tar -czf "$out/more.tar.gz" -C "$out" more && rm -rf "$out/more"
