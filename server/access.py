@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
@@ -47,19 +46,16 @@ def token_ok(conn: HTTPConnection, token: str | None) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), token.encode())
 
 
-def require_token(token: str | None) -> Callable[[Request], None]:
-    """A FastAPI dependency: HTTP 401 (``WWW-Authenticate: Bearer``) unless :func:`token_ok`."""
-
-    def check(request: Request) -> None:
-        if not token_ok(request, token):
-            raise HTTPException(
-                status_code=401,
-                detail="this endpoint needs the server's token: 'Authorization: Bearer <token>' "
-                "or '?token=<token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    return check
+def require_token(request: Request) -> None:
+    """A FastAPI dependency: HTTP 401 (``WWW-Authenticate: Bearer``) unless :func:`token_ok` with
+    the server's token (``app.state.config.token``)."""
+    if not token_ok(request, request.app.state.config.token):
+        raise HTTPException(
+            status_code=401,
+            detail="this endpoint needs the server's token: 'Authorization: Bearer <token>' "
+            "or '?token=<token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def normalize_origin(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The FastAPI application: HTTP endpoints, the ``/v1/stream`` WebSocket, the browser demo.
+"""The FastAPI application: its lifespan, its routes (:mod:`server.routes`), the browser demo.
 
 ``create_app(config)`` returns an app whose lifespan loads the pipeline, starts the device worker,
 warms up with one full step (generate + finalize + encode), starts the worker's watchdog
@@ -20,26 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
 from pipeline.fingerprint import pipeline_identity
 from pipeline.registry import load_pipeline
 from pipeline.served import ServedPipeline, as_served
-from protocol import PROTOCOL_VERSION, STREAM_PATH, Codec, routed_session, session_subprotocol
-from server.access import is_loopback_name, origin_refusal, require_token, token_ok
+from protocol import PROTOCOL_VERSION, Codec
 from server.codec import FrameCodec
 from server.config import ServerConfig
-from server.connection import Connection
 from server.context import ServerContext
 from server.fleet.view import FleetView
-from server.flow import FLOW_EXTENSION
-from server.limits import effective_max_connections, normalize_ip
-from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.metrics import ServerMetrics
 from server.recording import Recorder
-from server.sessions import CLIENT_ADDRESS, SessionManager
+from server.routes import router
+from server.sessions import SessionManager
 from server.timeline import Timeline
 from server.worker import (
     DeviceWorker,
@@ -202,18 +198,6 @@ async def _warmup_batch(ctx: ServerContext, size: int) -> None:
         await asyncio.gather(*released)
 
 
-def stream_refusal(ws: WebSocket, cfg: ServerConfig) -> str | None:
-    """Why this ``/v1/stream`` handshake is refused (token, then ``Origin``), or ``None``."""
-    if not token_ok(ws, cfg.token):
-        return "missing or wrong token; give it as 'Authorization: Bearer <token>' or '?token=<token>'"
-    return origin_refusal(ws, cfg.allowed_origins or [], loopback_only=is_loopback_name(cfg.host))
-
-
-def client_of(ws: WebSocket) -> str | None:
-    """The peer IP of ``ws`` (the client address of docs/security.md), ``None`` if unknown."""
-    return normalize_ip(ws.client.host) if ws.client is not None else None
-
-
 def web_client_dir() -> Path | None:
     """The browser demo's folder (``clients/web``), or ``None`` if it is not installed."""
     try:
@@ -223,79 +207,60 @@ def web_client_dir() -> Path | None:
     return path if (path / "index.html").is_file() else None
 
 
-def info_limits(cfg: ServerConfig, max_batch: int) -> dict[str, Any]:
-    """The ``limits`` of ``/v1/info`` (of each replica, in a fleet)."""
-    return {
-        "max_sessions": cfg.max_sessions,
-        "max_inflight": cfg.max_inflight,
-        "max_batch": max_batch,
-        "max_message_bytes": cfg.max_message_bytes,
-        "idle_timeout_s": cfg.idle_timeout_s,
-        "resume_window_s": cfg.resume_window_s,
-        "max_sessions_per_client": cfg.max_sessions_per_client,
-        "max_watchers": cfg.max_watchers,
-        "max_connections": effective_max_connections(cfg),
-        "max_connections_per_client": cfg.max_connections_per_client,
-        "header_timeout_s": cfg.header_timeout_s,
-        "rate_limit_per_s": cfg.rate_limit_per_s,
-        "rate_burst": cfg.rate_burst,
-        "step_timeout_s": cfg.step_timeout_s,
-    }
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load, warm up, watch the worker, mark ready; on the way out drain and free everything."""
+    cfg: ServerConfig = app.state.config
+    fleet: FleetView | None = app.state.fleet
+    ctx = await build_context(cfg, fleet.session_prefix if fleet is not None else "")
+    app.state.ctx = ctx
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        if cfg.warmup:
+            await warmup(ctx)
+        watchdog = asyncio.create_task(ctx.watch_worker(), name="worker-watchdog")
+        # The model, the codec and the app are loaded for good: keep them out of the cyclic
+        # collector, whose full passes over them paused every session for 100-170 ms.
+        gc.collect()
+        gc.freeze()
+        ctx.ready = True
+        logger.info(
+            "ready: {} on {} (max_sessions {}, max_inflight {}, max_batch {}, naive {})",
+            cfg.pipeline,
+            ctx.pipeline.device,
+            cfg.max_sessions,
+            cfg.max_inflight,
+            ctx.worker.max_batch,
+            cfg.naive,
+        )
+        if fleet is not None:
+            await fleet.start(ctx)
+        yield
+    finally:
+        if fleet is not None:
+            await fleet.stop()
+        if watchdog is not None:
+            watchdog.cancel()
+        await shut_down(ctx)
 
 
-def accepted_subprotocol(ws: WebSocket) -> str | None:
-    """The session routing subprotocol the client offered (``protocol.routing``), to name in the
-    handshake answer (a browser fails a handshake whose answer names none of those it offered)."""
-    session_id = routed_session(ws.scope.get("subprotocols") or [])
-    return None if session_id is None else session_subprotocol(session_id)
+async def shut_down(ctx: ServerContext) -> None:
+    """Not ready; close every connection; end every session; stop the worker, codec, recorder."""
+    ctx.ready = False
+    await ctx.drain(0.0)
+    ctx.sessions.end_all("server stopped")
+    await asyncio.to_thread(ctx.worker.stop)  # returns at once if the worker failed
+    ctx.codec.close()
+    if ctx.recorder is not None:
+        await asyncio.to_thread(ctx.recorder.close)
 
 
 def create_app(config: ServerConfig | None = None, *, fleet: FleetView | None = None) -> FastAPI:
     """The server app for ``config`` (default: from ``DREAMSTREAM_*`` environment variables).
 
     ``fleet``: this server is one replica of a fleet (``server.fleet``): its session ids carry
-    the replica's key, and ``/readyz``, ``/v1/info`` and ``/metrics`` describe the whole fleet."""
-    cfg = config or ServerConfig()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx = await build_context(cfg, fleet.session_prefix if fleet is not None else "")
-        app.state.ctx = ctx
-        watchdog: asyncio.Task[None] | None = None
-        try:
-            if cfg.warmup:
-                await warmup(ctx)
-            watchdog = asyncio.create_task(ctx.watch_worker(), name="worker-watchdog")
-            # The model, the codec and the app are loaded for good: keep them out of the cyclic
-            # collector, whose full passes over them paused every session for 100-170 ms.
-            gc.collect()
-            gc.freeze()
-            ctx.ready = True
-            logger.info(
-                "ready: {} on {} (max_sessions {}, max_inflight {}, max_batch {}, naive {})",
-                cfg.pipeline,
-                ctx.pipeline.device,
-                cfg.max_sessions,
-                cfg.max_inflight,
-                ctx.worker.max_batch,
-                cfg.naive,
-            )
-            if fleet is not None:
-                await fleet.start(ctx)
-            yield
-        finally:
-            if fleet is not None:
-                await fleet.stop()
-            if watchdog is not None:
-                watchdog.cancel()
-            ctx.ready = False
-            await ctx.drain(0.0)
-            ctx.sessions.end_all("server stopped")
-            await asyncio.to_thread(ctx.worker.stop)  # returns at once if the worker failed
-            ctx.codec.close()
-            if ctx.recorder is not None:
-                await asyncio.to_thread(ctx.recorder.close)
-
+    the replica's key, and ``/readyz``, ``/v1/info`` and ``/metrics`` describe the whole fleet.
+    The routes (:mod:`server.routes`) find both, and the context, on ``app.state``."""
     # No OpenAPI pages (/docs, /redoc, /openapi.json): the HTTP API is documented in docs/protocol.md.
     app = FastAPI(
         title="dreamstream",
@@ -305,107 +270,9 @@ def create_app(config: ServerConfig | None = None, *, fleet: FleetView | None = 
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.config = cfg
-
-    def context(request: Request | WebSocket) -> ServerContext:
-        ctx: ServerContext = request.app.state.ctx
-        return ctx
-
-    @app.get("/healthz")
-    async def healthz(request: Request) -> JSONResponse:
-        """200 while the server can serve; 503 once its device worker hung or died (restart it)."""
-        ctx: ServerContext | None = getattr(request.app.state, "ctx", None)
-        failure = ctx.failure() if ctx is not None else None
-        if failure is not None:
-            return JSONResponse({"status": "failed", "reason": failure}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/readyz")
-    async def readyz(request: Request) -> JSONResponse:
-        """200 once the model is loaded and warmed up (503 before, while shutting down, and once
-        the device worker failed)."""
-        ctx = getattr(request.app.state, "ctx", None)
-        ready = ctx is not None and ctx.ready and not ctx.draining and ctx.worker.alive
-        if fleet is not None and not ready:  # a fleet is ready while any replica is
-            ready = await fleet.any_ready()
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
-
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        """Prometheus text exposition (of a fleet: every replica's, with a ``replica`` label)."""
-        local = context(request).metrics.render()
-        if fleet is not None:
-            local = await fleet.metrics(local)
-        return Response(local, media_type=CONTENT_TYPE)
-
-    token_required = [Depends(require_token(cfg.token))]
-
-    @app.get("/v1/info", dependencies=token_required)
-    async def info(request: Request) -> dict[str, Any]:
-        """Protocol version, served pipeline, limits, action and start-option JSON Schemas."""
-        ctx = context(request)
-        io = ctx.pipeline.io
-        try:
-            spec = io.stream_spec(ctx.pipeline, io.validate_options(None))
-            stream: dict[str, Any] | None = {
-                "width": spec.width,
-                "height": spec.height,
-                "frames_per_step": spec.frames_per_step,
-                "fps": spec.fps,
-            }
-        except Exception:
-            stream = None
-        body: dict[str, Any] = {
-            "protocol": PROTOCOL_VERSION,
-            "stream_path": STREAM_PATH,
-            "pipeline": ctx.pipeline_name,
-            "device": str(ctx.pipeline.device),
-            "stream": stream,
-            "codecs": [c.wire_name for c in Codec],
-            "default_codec": cfg.codec,
-            "default_quality": cfg.quality,
-            "auth": cfg.token is not None,
-            "limits": info_limits(cfg, ctx.worker.max_batch),
-            "naive": cfg.naive,
-            "sessions": {"active": len(ctx.sessions), "attached": ctx.sessions.attached},
-            "action_schema": ctx.action_schema(),
-            "options_schema": ctx.options_schema(),
-        }
-        if fleet is not None:
-            body["fleet"] = await fleet.describe()
-        return body
-
-    if cfg.debug_timeline:
-
-        @app.get("/debug/timeline", dependencies=token_required)
-        async def timeline(request: Request) -> dict[str, Any]:
-            """The worker's recent events (``time.monotonic()`` seconds) and live counters."""
-            ctx = context(request)
-            return {
-                "now": time.monotonic(),
-                "live_caches": ctx.worker.live_caches,
-                "queued_steps": ctx.worker.queued_steps,
-                "sessions": len(ctx.sessions),
-                "max_batch": ctx.worker.max_batch,
-                "naive": cfg.naive,
-                "events": [e.to_dict() for e in ctx.timeline.events()],
-            }
-
-    @app.websocket(STREAM_PATH)
-    async def stream(ws: WebSocket) -> None:
-        """Protocol v1 (docs/protocol.md). Without the token, or from a web page of a foreign
-        origin, the handshake gets HTTP 403 (docs/security.md)."""
-        refusal = stream_refusal(ws, cfg)
-        if refusal is not None:
-            logger.info("refused a {} handshake from {}: {}", STREAM_PATH, client_of(ws), refusal)
-            await ws.send_denial_response(PlainTextResponse(f"403 Forbidden: {refusal}\n", status_code=403))
-            return
-        if fleet is not None:  # behind Ray's proxy: no uvicorn protocol of ours (server.limits)
-            ws.scope.setdefault("extensions", {})[FLOW_EXTENSION] = None
-        await ws.accept(subprotocol=accepted_subprotocol(ws))
-        CLIENT_ADDRESS.set(client_of(ws))  # for this connection's tasks: per-address session cap
-        await Connection(ws, context(ws)).run()
-
+    app.state.config = config or ServerConfig()
+    app.state.fleet = fleet
+    app.include_router(router)
     web = web_client_dir()
     if web is not None:
         app.mount("/", StaticFiles(directory=str(web), html=True), name="web")

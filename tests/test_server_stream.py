@@ -79,8 +79,11 @@ async def test_default_codec_is_server_default(srv: RunningServer) -> None:
         assert ready["codec"] == "raw"  # the fixture's server default
 
 
-async def test_pipelined_steps_up_to_max_inflight(srv: RunningServer) -> None:
-    async with await StreamClient.connect(srv.ws_url) as c:
+async def test_pipelined_steps_up_to_max_inflight(server_factory: ServerFactory) -> None:
+    # generate takes 250 ms: no credit can come back before the 4th step arrives (with fast steps
+    # step 0 could finish in between on a descheduled client, and the 4th would be accepted)
+    slow = server_factory(pipeline_overrides={**OVERRIDES, "generate_ms": 250}, max_inflight=3)
+    async with await StreamClient.connect(slow.ws_url) as c:
         await c.start(seed=5)
         for k in range(3):  # max_inflight = 3, all sent before any frame is read
             await c.send_step(k, action_for(k))

@@ -26,12 +26,13 @@ from loguru import logger
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from server.app import create_app, info_limits
+from server.app import create_app
 from server.config import ServerConfig
 from server.context import ServerContext
 from server.fleet.metrics import merge_expositions
 from server.fleet.registry import REPORT_PERIOD_S
 from server.logging import add_secret, setup_logging
+from server.routes import info_limits
 
 SHUTDOWN_POLL_S = 0.1
 """How often a replica looks whether Ray has begun stopping it."""
