@@ -108,8 +108,34 @@ class FramePacket:
     """``time.perf_counter()`` seconds when the receive task read the message."""
 
 
+class EncodedFrames:
+    """A step's frames as received (``packets``), decoded on first access (``frames``): what a
+    played step (:class:`StepResult`) and a watched one (:class:`WatchedStep`) have in common."""
+
+    packets: list[FramePacket]
+    _decoded: list[np.ndarray] | None
+
+    @property
+    def nbytes(self) -> int:
+        """Encoded payload bytes of all frames of the step."""
+        return sum(len(p.payload) for p in self.packets)
+
+    @property
+    def frames(self) -> list[np.ndarray]:
+        """Decoded frames, uint8 RGB ``[H, W, 3]`` each (decoded on first access, then cached)."""
+        if self._decoded is None:
+            self._decoded = [
+                decode_frame(p.header.codec, p.payload, p.header.width, p.header.height) for p in self.packets
+            ]
+        return self._decoded
+
+    def array(self) -> np.ndarray:
+        """The frames stacked as uint8 ``[T, H, W, 3]``."""
+        return np.stack(self.frames)
+
+
 @dataclass
-class StepResult:
+class StepResult(EncodedFrames):
     """A completed step: its frames, the server's timing and the client's measurements."""
 
     step: int
@@ -147,30 +173,9 @@ class StepResult:
         """Arrival time of each frame, ``time.perf_counter()`` seconds."""
         return [p.received_at for p in self.packets]
 
-    @property
-    def nbytes(self) -> int:
-        """Encoded payload bytes of all frames of the step."""
-        return sum(len(p.payload) for p in self.packets)
-
-    @property
-    def frames(self) -> list[np.ndarray]:
-        """Decoded frames, uint8 RGB ``[H, W, 3]`` each (decoded on first access, then cached)."""
-        if self._decoded is None:
-            self._decoded = decode_packets(self.packets)
-        return self._decoded
-
-    def array(self) -> np.ndarray:
-        """The frames stacked as uint8 ``[T, H, W, 3]``."""
-        return np.stack(self.frames)
-
-
-def decode_packets(packets: list[FramePacket]) -> list[np.ndarray]:
-    """Frames as received → uint8 RGB ``[H, W, 3]`` arrays, in order."""
-    return [decode_frame(p.header.codec, p.payload, p.header.width, p.header.height) for p in packets]
-
 
 @dataclass
-class WatchedStep:
+class WatchedStep(EncodedFrames):
     """A step of a watched session: its frames (the player's very bytes) and ``step_done``'s news."""
 
     step: int
@@ -189,22 +194,6 @@ class WatchedStep:
     watchers: int = 0
     """Connections watching the session when the step was sent (this one included)."""
     _decoded: list[np.ndarray] | None = field(default=None, repr=False)
-
-    @property
-    def frames(self) -> list[np.ndarray]:
-        """Decoded frames, uint8 RGB ``[H, W, 3]`` each (decoded on first access, then cached)."""
-        if self._decoded is None:
-            self._decoded = decode_packets(self.packets)
-        return self._decoded
-
-    def array(self) -> np.ndarray:
-        """The frames stacked as uint8 ``[T, H, W, 3]``."""
-        return np.stack(self.frames)
-
-    @property
-    def nbytes(self) -> int:
-        """Encoded payload bytes of all frames of the step."""
-        return sum(len(p.payload) for p in self.packets)
 
     @property
     def first_frame_at(self) -> float:
@@ -520,8 +509,7 @@ class AsyncStreamClient:
             raise NotConnectedError("resume() needs a session: call start() first or pass ids")
         if self.connected and self.ready is not None and sid == self.session_id:
             await self.close()  # a live connection already drives this session: start over
-        if self.connected and not self._busy and self._route != sid:
-            await self.close()  # opened for no session or another: reopen routed to this one
+        await self._leave_other_route(sid)
         msg = {"type": "resume", "session_id": sid, "resume_token": token}
         delay = backoff_s
         for _ in range(1, attempts):
@@ -565,10 +553,15 @@ class AsyncStreamClient:
 
     async def _route_to(self, session_id: str) -> None:
         """Make sure the connection is one opened for ``session_id`` (a fleet routes it to the
-        server holding the session); an idle connection opened otherwise is closed first."""
+        server holding the session)."""
+        await self._leave_other_route(session_id)
+        await self.connect(session_id)
+
+    async def _leave_other_route(self, session_id: str) -> None:
+        """Close an idle connection opened for no session or another one (it may be on another
+        server of a fleet); the next connect is routed to ``session_id``."""
         if self.connected and not self._busy and self._route != session_id:
             await self.close()
-        await self.connect(session_id)
 
     async def _handshake_request(self, kind: str, msg: dict[str, Any]) -> ReadyMessage:
         if kind == "resume":
