@@ -734,13 +734,14 @@ class Connection:
         session.last_sent_step = pending.step
         session.touch()
         self.ctx.timeline.record("sent", session.id, pending.step, done.t_sent, None, result.batch)
-        if session.recording is not None:
+        if session.recording is not None or session.watchers:
             timing = done.timing()
-            session.recording.step(pending.step, pending.action, pending.t_received, timing, result.batch)
-        if session.watchers:  # the same bytes, once per watcher's queue (never waits)
-            item = WatchedStep(pending.step, messages, done.timing(), done.t_sent)
-            for watcher in session.watchers:
-                watcher.offer(item)
+            if session.recording is not None:
+                session.recording.step(pending.step, pending.action, pending.t_received, timing, result.batch)
+            if session.watchers:  # the same bytes, once per watcher's queue (never waits)
+                item = WatchedStep(pending.step, messages, timing, done.t_sent)
+                for watcher in session.watchers:
+                    watcher.offer(item)
         m = self.ctx.metrics
         m.steps.inc()
         m.frames.inc(count)

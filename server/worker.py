@@ -456,8 +456,7 @@ class DeviceWorker:
             if slot is None or slot.closed:
                 raise WorkerStoppedError(f"session {request.session_id} has no cache on the worker")
             if slot.expired is not None:  # answered, not queued: it must not run after the gap
-                error = StepFailedError(request.session_id, request.step, "queue", slot.expired)
-                self._answer(request, StepResult(request.session_id, request.step, None, error=error))
+                self._fail_queued(request, slot.expired, time.monotonic())
                 return
             slot.requests.append(request)
             self._queued_steps += 1
@@ -500,22 +499,27 @@ class DeviceWorker:
         self._queued_steps -= len(slot.requests)
         now = time.monotonic()
         for req in slot.requests:
-            self._answer(
-                req,
-                StepResult(
-                    req.session_id, req.step, None, queue_ms=(now - req.t_received) * 1000.0,
-                    error=StepFailedError(req.session_id, req.step, "queue", error),
-                ),
-            )  # fmt: skip
+            self._fail_queued(req, error, now)
         slot.requests.clear()
+
+    def _fail_queued(self, req: StepRequest, error: Exception, now: float) -> None:
+        """Answer a step that did not run with ``error`` (its stage: ``queue``)."""
+        queue_ms = (now - req.t_received) * 1000.0
+        failed = StepFailedError(req.session_id, req.step, "queue", error)
+        self._answer(req, StepResult(req.session_id, req.step, None, queue_ms=queue_ms, error=failed))
 
     def _answer(self, req: StepRequest, result: StepResult) -> None:
         """Deliver ``result`` unless ``req`` was answered already (e.g. by the watchdog)."""
+        if self._claim([req]):
+            req.deliver(result)
+
+    def _claim(self, requests: list[StepRequest]) -> list[StepRequest]:
+        """Mark ``requests`` answered; returns those that were not already (each is answered once)."""
         with self._cond:
-            if req.answered:
-                return
-            req.answered = True
-        req.deliver(result)
+            fresh = [req for req in requests if not req.answered]
+            for req in fresh:
+                req.answered = True
+        return fresh
 
     @contextlib.contextmanager
     def _calling(self, stage: str) -> Iterator[None]:
@@ -722,10 +726,8 @@ class DeviceWorker:
         """Give steps' frames to their sessions (they are encoded and sent on the event loop), all
         at once: one wake-up of the event loop for the lot (:func:`deliver_all`)."""
         t_handoff = time.monotonic()
-        with self._cond:
-            fresh = [item for item in items if not item.request.answered]
-            for item in fresh:
-                item.request.answered = True
+        claimed = {id(req) for req in self._claim([item.request for item in items])}
+        fresh = [item for item in items if id(item.request) in claimed]
         for item in fresh:
             result = item.result
             result.t_handoff = t_handoff
