@@ -64,6 +64,7 @@ valid = st.one_of(
             "quality": st.integers(1, 100),
             "pipeline": st.just("synthetic"),
             "options": st.just({}),
+            "record": st.booleans(),  # this server does not record: record=true is a bad_message
         },
     ),
     st.fixed_dictionaries(
@@ -74,6 +75,9 @@ valid = st.one_of(
     st.just({"type": "end"}),
     st.fixed_dictionaries(
         {"type": st.just("resume"), "session_id": st.text(max_size=24), "resume_token": st.text(max_size=44)}
+    ),
+    st.fixed_dictionaries(
+        {"type": st.just("watch"), "session_id": st.text(max_size=140), "watch_token": st.text(max_size=140)}
     ),
 )
 
