@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,21 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline() -> TinyWorldPipeline:
+FRAME_MODES = {"whole": {"copy_gate": False}, "copy-gate": {"copy_gate": True}}
+"""Both ways the dynamics model makes a frame (``DynamicsConfig.copy_gate``)."""
+
+
+def _tiny(mode: str) -> TinyWorldPipeline:
     torch.manual_seed(0)
-    pipe = make_config(dynamics=TINY_DYN, autoencoder=TINY_AE, device="cpu").setup()
+    arch = replace(TINY_DYN, **FRAME_MODES[mode])
+    pipe = make_config(dynamics=arch, autoencoder=TINY_AE, device="cpu").setup()
     _randomise(pipe)
     return pipe
+
+
+@pytest.fixture(scope="module", params=list(FRAME_MODES))
+def tiny_pipeline(request: pytest.FixtureRequest) -> TinyWorldPipeline:
+    return _tiny(request.param)
 
 
 def _rollout(pipe: TinyWorldPipeline, seed: int, moves: list[str], world_seed: int = 3) -> torch.Tensor:
@@ -181,6 +191,7 @@ def test_priming_in_one_forward_matches_frame_by_frame(tiny_pipeline: TinyWorldP
     sigma = torch.full((1,), transformer.config.prime_sigma)
     with torch.no_grad():
         for _ in range(TINY_DYN.window):
+            slow.pending = tokens  # what a generate leaves for its finalize (copy-gate models)
             transformer.finalize_kv_cache(tokens, sigma, slow, int(Action.NONE))
     assert primed.kv.num_frames == slow.kv.num_frames == TINY_DYN.window
     assert primed.kv.frame_positions() == slow.kv.frame_positions()
@@ -215,6 +226,77 @@ def test_batch_matches_single_sessions(tiny_pipeline: TinyWorldPipeline) -> None
         for k, out in enumerate(outs):
             torch.testing.assert_close(out, refs[k][lead[k] + step : lead[k] + step + 1], atol=1e-4, rtol=0)
         idx = [i + 1 for i in idx]
+
+
+def test_batch_finalized_in_parts_matches_single_sessions(tiny_pipeline: TinyWorldPipeline) -> None:
+    """A batch generated together and finalized apart (one alone, two together) goes on exactly
+    as single sessions: each rollout's pending frame survives the regrouping."""
+    pipe, io = tiny_pipeline, tiny_pipeline.io
+    moves = [["up", "right", "none"], ["left", "left", "down"], ["none", "up_right", "up"]]
+    seeds, worlds = [11, 12, 13], [4, 5, 6]
+
+    def action(m: str) -> int:
+        return io.action_to_input(io.validate_action({"move": m}), 0)
+
+    refs = [_rollout(pipe, s, mv, w) for s, mv, w in zip(seeds, moves, worlds, strict=True)]
+    caches = [
+        io.initialize_session(pipe, io.validate_options({"world_seed": w}), s)
+        for s, w in zip(seeds, worlds, strict=True)
+    ]
+    for step in range(3):
+        idx = [step] * 3
+        outs = pipe.generate_batch(idx, caches, [action(m[step]) for m in moves])
+        pipe.finalize(step, caches[0])
+        pipe.finalize_batch(idx[1:], caches[1:])
+        for k, out in enumerate(outs):
+            torch.testing.assert_close(out, refs[k][step : step + 1], atol=1e-4, rtol=0)
+
+
+def test_copy_gate_open_repeats_the_previous_frame() -> None:
+    """A copy-gate model whose gate is fully open returns the previous frame (to float rounding)
+    whatever the moves; the same model with the gate shut generates new frames."""
+    frames = {}
+    for bias in (30.0, -30.0):
+        pipe = _tiny("copy-gate")
+        with torch.no_grad():
+            pipe.diffusion_model.transformer.net.gate.bias.fill_(bias)
+        frames[bias] = _rollout(pipe, 0, ["none", "up", "left", "none", "down_right"])
+    held = frames[30.0]
+    for frame in held[1:]:
+        torch.testing.assert_close(frame, held[0], atol=1e-4, rtol=0)
+    assert (frames[-30.0][1:] - frames[-30.0][0]).abs().max() > 0.05
+
+
+def test_copy_gate_matches_its_definition() -> None:
+    """The gated velocity points to ``g * previous + (1 - g) * x0_net`` (training and inference)."""
+    torch.manual_seed(3)
+    arch = replace(TINY_DYN, copy_gate=True)
+    net = DynamicsTransformer(arch).eval()
+    _randomise(net, seed=3)
+    b, t = 2, 4
+    z = torch.randn(b, t, 4, 8, 8)
+    noisy = torch.randn(b, t - 1, 4, 8, 8)
+    sigma_ctx, sigma = torch.zeros(b, t), torch.rand(b, t - 1) * 0.9 + 0.1
+    actions = torch.randint(0, 9, (b, t))
+    mask, slots = net.training_mask(t)
+    with torch.no_grad():
+        plain = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots)
+        gated = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots, z[:, :-1])
+        cond = net.condition(torch.cat([sigma_ctx, sigma], 1), torch.cat([actions, actions[:, 1:]], 1))
+        g = torch.sigmoid(net.gate(cond[:b, t:]))[..., None, None]
+    s = sigma[..., None, None, None]
+    x0 = g * z[:, :-1] + (1 - g) * (noisy - s * plain)
+    torch.testing.assert_close(gated, (noisy - x0) / s, atol=1e-4, rtol=1e-4)
+
+
+def test_copy_gate_finalize_needs_its_generate() -> None:
+    from pipeline.errors import FinalizeError
+
+    transformer = _tiny("copy-gate").diffusion_model.transformer
+    cache = transformer.initialize_autoregressive_cache(seed=1)
+    tokens = torch.zeros(1, TINY_DYN.tokens_per_frame, TINY_DYN.token_dim)
+    with pytest.raises(FinalizeError, match="not generated"):
+        transformer.finalize_kv_cache(tokens, torch.zeros(1), cache, int(Action.NONE))
 
 
 def test_cache_context_is_validated(tiny_pipeline: TinyWorldPipeline) -> None:
@@ -319,7 +401,7 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
     def loss_and_grads(forward: TrainForward) -> tuple[torch.Tensor, list[torch.Tensor]]:
         net.zero_grad(set_to_none=True)
         gen = torch.Generator().manual_seed(9)
-        loss = dynamics_loss(forward, *batch, mask, slots, gen, cfg.context_noise, cfg.amp)
+        loss = dynamics_loss(forward, net.config, *batch, mask, slots, gen, cfg.context_noise, cfg.amp)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
 

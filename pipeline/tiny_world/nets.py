@@ -143,6 +143,10 @@ class Autoencoder(nn.Module):
 
 # ---------------------------------------------------------------------------- dynamics
 
+GATE_SIGMA_FLOOR = 0.01
+"""Noise level below which the copy gate's velocity divides by this instead (training only: the
+samplers never query such levels; keeps a moving frame's velocity bounded near sigma = 0)."""
+
 
 @dataclass(frozen=True)
 class DynamicsConfig:
@@ -168,6 +172,14 @@ class DynamicsConfig:
     """Size of the action vocabulary."""
     rope_base: float = 100.0
     """RoPE base over window-relative frame slots."""
+    copy_gate: bool = False
+    """Blend the clean frame each noisy frame is denoised to with the previous clean frame:
+    ``x0 = g * previous + (1 - g) * x0_net``, ``g = sigmoid(linear(condition))`` per frame, from the
+    action and noise level. Where the world does not move (``none``) the data teach ``g -> 1`` and
+    the frame is copied exactly, instead of being re-drawn through attention over noised context
+    keys with a small error every step that an idle rollout accumulates into drift; where it moves
+    ``g -> 0`` and frames are generated whole, so errors do not integrate. ``False``: weights
+    trained before issue #16."""
 
     def __post_init__(self) -> None:
         if self.latent_size % self.patch:
@@ -292,6 +304,10 @@ class DynamicsTransformer(nn.Module):
         for m in (self.ada_out, self.out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+        if config.copy_gate:
+            self.gate = nn.Linear(d, 1)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, -2.0)  # g = 0.12: starts close to whole frames
 
     # ---- shapes ---------------------------------------------------------------------------
     def patchify(self, z: Tensor) -> Tensor:
@@ -346,6 +362,22 @@ class DynamicsTransformer(nn.Module):
         shift, scale = self.ada_out(cond)[: x.shape[0]].unsqueeze(2).chunk(2, dim=-1)
         return self.out(self.norm_out(x) * (1 + scale) + shift), kvs
 
+    def _gated(
+        self, v: Tensor, noisy: Tensor, sigma: Tensor, cond: Tensor, previous: Tensor | None
+    ) -> Tensor:
+        """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy gate.
+
+        With :attr:`DynamicsConfig.copy_gate` and the ``previous`` clean frames' tokens, the clean
+        frame the velocity points to is ``g * previous + (1 - g) * (noisy - sigma * v)``, i.e.
+        ``v + g * ((noisy - previous) / sigma - v)``; ``cond [B', F, d]`` gives ``g``. Otherwise
+        (or without ``previous``: a forward only run for its keys and values) ``v`` itself.
+        """
+        if not self.config.copy_gate or previous is None:
+            return v
+        g = torch.sigmoid(self.gate(cond)[: v.shape[0]].float()).unsqueeze(-1)
+        s = sigma.float().clamp_min(GATE_SIGMA_FLOOR)[..., None, None]
+        return v + g * ((noisy - previous) / s - v)
+
     # ---- training -------------------------------------------------------------------------
     def training_mask(self, frames: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
         """Attention mask and frame slots for teacher forcing on ``frames`` frames.
@@ -390,17 +422,21 @@ class DynamicsTransformer(nn.Module):
         actions: Tensor,
         mask: Tensor,
         slots: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``[B, T-1, C, S, S]`` of noisy frames 1..T-1 given :meth:`encode_context`.
 
         ``z_noisy [B, T-1, C, S, S]`` at ``sigma_noisy [B, T-1]``; ``actions [B, T]`` as given to
-        :meth:`encode_context` (frame ``i`` is conditioned on ``actions[:, i]``).
+        :meth:`encode_context` (frame ``i`` is conditioned on ``actions[:, i]``); ``previous``
+        the clean frames 0..T-2 (for :attr:`DynamicsConfig.copy_gate`).
         """
         t = actions.shape[1]
         n = t * self.config.tokens_per_frame
         cond = self.condition(sigma_noisy, actions[:, 1:])
-        out, _ = self._run(self.patchify(z_noisy), cond, self._rope(slots[t:]), context, mask[n:])
-        return self.unpatchify(out)
+        noisy = self.patchify(z_noisy)
+        out, _ = self._run(noisy, cond, self._rope(slots[t:]), context, mask[n:])
+        prev = None if previous is None else self.patchify(previous)
+        return self.unpatchify(self._gated(out, noisy, sigma_noisy, cond, prev))
 
     def forward_train(
         self,
@@ -411,24 +447,28 @@ class DynamicsTransformer(nn.Module):
         actions: Tensor,
         mask: Tensor,
         slots: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         """Teacher-forced velocity prediction.
 
         ``z_context [B, T, C, S, S]`` (lightly noised clean frames) at ``sigma_context [B, T]``;
         ``z_noisy [B, T-1, C, S, S]`` noised frames 1..T-1 at ``sigma_noisy [B, T-1]``;
-        ``actions [B, T]``, the move leading to each frame. Returns velocity ``[B, T-1, C, S, S]``.
+        ``actions [B, T]``, the move leading to each frame; ``previous`` the clean frames 0..T-2
+        (for :attr:`DynamicsConfig.copy_gate`). Returns velocity ``[B, T-1, C, S, S]``.
 
         One pass over context and noisy tokens together: the same result as
         :meth:`encode_context` then :meth:`forward_noisy`, and faster for a single evaluation with
         a backward pass (measured on CPU); the split pays off when one context serves several.
         """
         t = z_context.shape[1]
-        tokens = torch.cat([self.patchify(z_context), self.patchify(z_noisy)], dim=1)
+        noisy = self.patchify(z_noisy)
+        tokens = torch.cat([self.patchify(z_context), noisy], dim=1)
         cond = self.condition(
             torch.cat([sigma_context, sigma_noisy], 1), torch.cat([actions, actions[:, 1:]], 1)
         )
         out, _ = self._run(tokens, cond, self._rope(slots), None, mask)
-        return self.unpatchify(out[:, t:])
+        prev = None if previous is None else self.patchify(previous)
+        return self.unpatchify(self._gated(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev))
 
     # ---- inference with a sliding-window KV cache -----------------------------------------
     def new_cache(
@@ -477,14 +517,18 @@ class DynamicsTransformer(nn.Module):
         action: Tensor,
         context: list[KV] | None,
         num_context_frames: int,
+        previous: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """One frame ``tokens [B, P, D]`` at noise ``sigma [B]`` after move ``action [B]``.
 
         Attends to ``context`` (from :meth:`rotated_context`) and itself, at window slot
-        ``num_context_frames``. Returns the velocity tokens ``[B, P, D]`` and the frame's
-        per-layer un-rotated keys/values ``[B, H, P, hd]`` (for :meth:`append_to_cache`).
+        ``num_context_frames``; ``previous [B, P, D]``: the previous clean frame's tokens (for
+        :attr:`DynamicsConfig.copy_gate`; ``None`` when only the keys/values are wanted). Returns
+        the velocity tokens ``[B, P, D]`` and the frame's per-layer un-rotated keys/values
+        ``[B, H, P, hd]`` (for :meth:`append_to_cache`).
         """
         cond = self.condition(sigma[:, None], action[:, None])
         slot = torch.full((1,), num_context_frames, device=tokens.device)
         out, kvs = self._run(tokens[:, None], cond, self._rope(slot), context, None)
-        return out[:, 0], kvs
+        prev = None if previous is None else previous[:, None]
+        return self._gated(out, tokens[:, None], sigma[:, None], cond, prev)[:, 0], kvs

@@ -81,8 +81,8 @@ class TrainConfig:
     """Training worlds (seeds ``0..num_worlds-1``)."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     """Autoencoder architecture."""
-    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
-    """Dynamics transformer architecture."""
+    dynamics: DynamicsConfig = field(default_factory=lambda: DynamicsConfig(copy_gate=True))
+    """Dynamics transformer architecture (with the copy gate: issue #16)."""
     ae_steps: int = 3000
     """Autoencoder optimiser steps."""
     ae_batch: int = 64
@@ -169,7 +169,7 @@ def smoke_config(out: Path) -> TrainConfig:
         export_dir=None,
         num_worlds=4,
         autoencoder=AutoencoderConfig(latent_channels=4, widths=(8, 8, 16)),
-        dynamics=DynamicsConfig(latent_channels=4, d_model=32, layers=1, heads=2, window=2),
+        dynamics=DynamicsConfig(latent_channels=4, d_model=32, layers=1, heads=2, window=2, copy_gate=True),
         ae_steps=6,
         ae_batch=8,
         num_trajectories=16,
@@ -571,6 +571,7 @@ TrainForward = Callable[..., torch.Tensor]
 
 def dynamics_loss(
     forward: TrainForward,
+    arch: DynamicsConfig,
     z: torch.Tensor,
     actions: torch.Tensor,
     mask: torch.Tensor,
@@ -582,7 +583,9 @@ def dynamics_loss(
 ) -> torch.Tensor:
     """Flow-matching MSE on frames 1..T-1 given (noised) clean context frames (CPU generator).
 
-    ``forward``: a model's ``forward_train`` (or its compiled version).
+    ``forward``: a model's ``forward_train`` (or its compiled version) of architecture ``arch``;
+    with :attr:`~pipeline.tiny_world.nets.DynamicsConfig.copy_gate` it gets each frame's previous
+    clean frame too.
     """
     b, t = z.shape[:2]
     device = z.device
@@ -601,8 +604,9 @@ def dynamics_loss(
     sc = ctx_sigma[..., None, None, None]
     noisy = (1 - s) * x0 + s * eps[:, 1:]
     context = (1 - sc) * z + sc * eps_ctx
+    previous = z[:, :-1] if arch.copy_gate else None
     with _autocast(device, amp):
-        v = forward(context, ctx_sigma, noisy, sigma, actions, mask, slots)
+        v = forward(context, ctx_sigma, noisy, sigma, actions, mask, slots, previous)
     return (v.float() - (eps[:, 1:] - x0)).pow(2).mean()
 
 
@@ -623,7 +627,14 @@ def _compiled_train_forward(
     compiled: TrainForward = torch.compile(model.forward_train, dynamic=False)
     try:
         loss = dynamics_loss(
-            compiled, *batch, mask, slots, torch.Generator().manual_seed(0), cfg.context_noise, cfg.amp
+            compiled,
+            model.config,
+            *batch,
+            mask,
+            slots,
+            torch.Generator().manual_seed(0),
+            cfg.context_noise,
+            cfg.amp,
         )
         loss.backward()
     except Exception as exc:  # any compiler failure: the eager step computes the same thing
@@ -683,7 +694,7 @@ def _dynamics_step(
     idx = torch.randint(0, n_train, (cfg.dyn_batch,), generator=gen)
     z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
     z, a = z.to(device), a.to(device)
-    loss = dynamics_loss(forward, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
+    loss = dynamics_loss(forward, model.config, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
     params: list[torch.Tensor] = list(model.parameters())
     _descend(opt, loss, clip=params)
     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -706,7 +717,7 @@ def _dynamics_validate(
     record = {}
     for sig in (0.3, 0.7, 1.0):
         gen = torch.Generator().manual_seed(3)
-        v = dynamics_loss(ema.forward_train, val_z, val_a, mask, slots, gen, 0.0, amp, sig)
+        v = dynamics_loss(ema.forward_train, ema.config, val_z, val_a, mask, slots, gen, 0.0, amp, sig)
         record[f"val_sigma{sig}"] = round(v.item(), 5)
     return record
 
@@ -724,10 +735,12 @@ def _euler(
     slots: torch.Tensor,
     sigmas: list[float],
     amp: bool,
+    previous: torch.Tensor | None,
 ) -> torch.Tensor:
     """Euler-sample frames 1..T-1 (all at once, teacher-forced context) from ``noise``.
 
-    The context's keys and values are computed once and shared by every step.
+    The context's keys and values are computed once and shared by every step. ``previous``: the
+    clean frames 0..T-2 (copy-gate models).
     """
     x = noise
     b, t1 = noise.shape[:2]
@@ -736,7 +749,7 @@ def _euler(
     for sigma, sigma_next in itertools.pairwise(sigmas):
         level = torch.full((b, t1), sigma, device=noise.device)
         with _autocast(noise.device, amp):
-            v = model.forward_noisy(kv, x, level, actions, mask, slots).float()
+            v = model.forward_noisy(kv, x, level, actions, mask, slots, previous).float()
         x = x + (sigma_next - sigma) * v
     return x
 
@@ -790,9 +803,10 @@ def _distill_step(
     sc = ctx_sigma[..., None, None, None]
     context = ((1 - sc) * z + sc * ctx_noise).to(device)
     z, a, ctx_sigma, noise = z.to(device), a.to(device), ctx_sigma.to(device), noise.to(device)
+    previous = z[:, :-1] if student.config.copy_gate else None
     with torch.no_grad():
-        target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, sigmas[0], cfg.amp)
-    sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, sigmas[1], cfg.amp)
+        target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, sigmas[0], cfg.amp, previous)
+    sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, sigmas[1], cfg.amp, previous)
     loss = (sample - target).pow(2).mean()
     _descend(opt, loss, clip=list(student.parameters()))
     return {"loss": loss.detach()}
@@ -889,11 +903,12 @@ def _rollout(
     tokens = first
     for t in range(1, actions.shape[1]):
         ctx = dyn.rotated_context(cache)
-        tokens = torch.randn(first.shape, generator=gen, device=device)
+        x = torch.randn(first.shape, generator=gen, device=device)
         for sigma, sigma_next in itertools.pairwise(sigmas):
             level = torch.full((m,), sigma, device=device)
-            v, _ = dyn.forward_frame(tokens, level, actions[:, t], ctx, cache.num_frames)
-            tokens = tokens + (sigma_next - sigma) * v
+            v, _ = dyn.forward_frame(x, level, actions[:, t], ctx, cache.num_frames, tokens)
+            x = x + (sigma_next - sigma) * v
+        tokens = x
         noise = torch.randn(tokens.shape, generator=gen, device=device)
         noised = (1 - ctx_sigma) * tokens + ctx_sigma * noise
         level = torch.full((m,), ctx_sigma, device=device)
@@ -1051,6 +1066,12 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--dyn-steps", type=int, default=None)
     p.add_argument("--num-trajectories", type=int, default=None)
     p.add_argument("--window", type=int, default=None, help="dynamics context window K")
+    p.add_argument(
+        "--copy-gate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="blend each frame with the previous one by a learned gate (DynamicsConfig.copy_gate)",
+    )
     p.add_argument("--decoder-texture-loss", type=float, default=None, help="texture loss weight")
     p.add_argument("--distill-steps", type=int, default=None, help="few-step distillation steps")
     p.add_argument("--decoder-finetune-steps", type=int, default=None, help="decoder fine-tuning steps")
@@ -1074,8 +1095,10 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    if args.window is not None:
-        changes["dynamics"] = replace(cfg.dynamics, window=args.window)
+    arch_names = ("window", "copy_gate")
+    arch = {name: getattr(args, name) for name in arch_names if getattr(args, name) is not None}
+    if arch:
+        changes["dynamics"] = replace(cfg.dynamics, **arch)
     if args.no_amp:
         changes["amp"] = False
     if args.no_compile:

@@ -5,6 +5,12 @@ keys/values of the last ``window`` clean frames. It is primed at session start w
 copies of the first frame (as if the camera had stood still), so it is always full and every
 rollout sees its context at the same window slots: caches of sessions at different AR indices
 stack into one batch.
+
+A copy-gate model (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.copy_gate`) blends each frame
+with the previous clean frame, so the cache also holds that frame (``last``). ``generate``'s clean
+result is kept as ``pending`` (:meth:`TinyWorldTransformer.postprocess_clean_latent`) until
+``finalize`` makes it the new ``last``: the cache only moves on at ``finalize``, as the contract
+says.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.errors import InputError
+from pipeline.errors import FinalizeError, InputError, PipelineError
 from pipeline.kv_cache import SlidingWindowKVCache
 from pipeline.tiny_world.env import Action
 from pipeline.tiny_world.nets import KV, DynamicsConfig, DynamicsTransformer
@@ -34,6 +40,12 @@ class TinyWorldCache(TransformerAutoregressiveCache):
     """Rotated keys/values of ``kv`` as of ``rotated_at`` (shared by the steps of one generate)."""
     rotated_at: int = -1
     """``kv.frames_seen`` when ``rotated`` was computed."""
+    last: Tensor | None = None
+    """Copy-gate models: tokens ``[B, P, D]`` of the latest clean frame (the first frame at start)."""
+    pending: Tensor | None = None
+    """Copy-gate models: clean tokens of the step being generated, until its ``finalize``."""
+    members: list[TinyWorldCache] = field(default_factory=list, repr=False)
+    """A stacked cache's rollouts (their ``pending`` is set by a batched ``generate``)."""
 
 
 @dataclass(kw_only=True)
@@ -70,7 +82,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         return self.net.inp.weight
 
     def _frame(
-        self, tokens: Tensor, sigma: Tensor, action: Tensor, cache: TinyWorldCache
+        self, tokens: Tensor, sigma: Tensor, action: Tensor, cache: TinyWorldCache, previous: Tensor | None
     ) -> tuple[Tensor, list[KV]]:
         if self.config.compile and not self._compiled:
             self._forward_frame = torch.compile(self.net.forward_frame, dynamic=False)
@@ -83,7 +95,9 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         # with 0..window-1 cached frames, runs eager instead of compiling a graph per fill level.
         steady = cache.kv.num_frames == cache.kv.capacity_frames
         forward = self._forward_frame if steady else self.net.forward_frame
-        return forward(tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames)
+        if previous is not None:
+            previous = previous.to(dtype)
+        return forward(tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames, previous)
 
     # ---- contract ------------------------------------------------------------------------
     def initialize_autoregressive_cache(self, **context: Any) -> TinyWorldCache:
@@ -107,13 +121,15 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             got = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
             raise InputError(f"first_latent must be a tensor of shape {shape}, got {got}")
         seed = int(context.get("seed") or 0)
+        first_tokens = self.net.patchify(first.to(device=device, dtype=dtype))
         cache = TinyWorldCache(
             generator=torch.Generator(device=device).manual_seed(seed),
             kv=self.net.new_cache(1, device, dtype),
+            last=first_tokens if arch.copy_gate else None,
         )
         # The window is filled with copies of the first frame, as if the camera had stood still.
         k = arch.window
-        tokens = self.net.patchify(first.to(device=device, dtype=dtype)).unsqueeze(1).expand(-1, k, -1, -1)
+        tokens = first_tokens.unsqueeze(1).expand(-1, k, -1, -1)
         sigma = torch.full((1, k), self.config.prime_sigma, device=device)
         action = torch.full((1, k), int(Action.NONE), device=device, dtype=torch.long)
         with torch.no_grad():
@@ -153,13 +169,28 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
     def predict_flow(
         self, noisy_latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any
     ) -> Tensor:
-        velocity, _ = self._frame(noisy_latent, timestep, self._actions(input, noisy_latent), cache)
+        previous = None
+        if self.config.arch.copy_gate:
+            previous = _required(cache.last, "last")
+        velocity, _ = self._frame(noisy_latent, timestep, self._actions(input, noisy_latent), cache, previous)
         return velocity.to(noisy_latent.dtype)
 
+    def postprocess_clean_latent(self, clean_latent: Tensor, cache: TinyWorldCache, input: Any) -> Tensor:
+        """Copy-gate models: hold the clean frame as ``pending`` (each rollout's, when batched)."""
+        if self.config.arch.copy_gate:
+            cache.pending = clean_latent
+            for i, member in enumerate(cache.members):
+                member.pending = clean_latent[i : i + 1]
+        return clean_latent
+
     def finalize_kv_cache(self, latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any) -> None:
-        _, kvs = self._frame(latent, timestep, self._actions(input, latent), cache)
+        _, kvs = self._frame(latent, timestep, self._actions(input, latent), cache, None)
         cache.kv.append_frame(kvs)
         cache.rotated = None
+        if self.config.arch.copy_gate:
+            if cache.pending is None:
+                raise FinalizeError("finalize of a copy-gate tiny-world step that was not generated")
+            cache.last, cache.pending = cache.pending, None
 
     def _actions(self, input: Any, tokens: Tensor) -> Tensor:
         actions = self.patchify_input(input)
@@ -169,9 +200,23 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
 
     # ---- batch protocol ------------------------------------------------------------------
     def stack_caches(self, caches: list[TinyWorldCache]) -> TinyWorldCache:
-        return TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
+        stacked = TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
+        if self.config.arch.copy_gate:
+            stacked.last = torch.cat([_required(c.last, "last") for c in caches])
+            if all(c.pending is not None for c in caches):
+                stacked.pending = torch.cat([_required(c.pending, "pending") for c in caches])
+            stacked.members = list(caches)
+        return stacked
 
     def unstack_caches(self, batched: TinyWorldCache, caches: list[TinyWorldCache]) -> None:
         batched.kv.copy_into([c.kv for c in caches])
-        for c in caches:
+        for i, c in enumerate(caches):
             c.rotated = None
+            if batched.last is not None:
+                c.last, c.pending = batched.last[i : i + 1], None
+
+
+def _required(tensor: Tensor | None, name: str) -> Tensor:
+    if tensor is None:
+        raise PipelineError(f"copy-gate tiny-world cache without {name!r}")
+    return tensor
