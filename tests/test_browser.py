@@ -230,10 +230,45 @@ def test_enum_action_schema_builds_a_pad_and_maps_keys(page: Any, server: Runnin
     page.mouse.up()
 
 
+IDLE_PSNR_FLOOR_DB = 30.0
+"""The demo's idle world must look still: canvas PSNR between an early and a later idle frame."""
+
+
+def canvas_psnr_to_snapshot(page: Any) -> float:
+    """PSNR (dB) of the canvas now against ``window.__snapshot`` (taken by :func:`snapshot_canvas`)."""
+    return page.evaluate(
+        """() => {
+            const c = document.getElementById('screen');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const s = window.__snapshot;
+            let se = 0, n = 0;
+            for (let i = 0; i < d.length; i += 4) {
+                for (let k = 0; k < 3; k++) { const e = d[i + k] - s[i + k]; se += e * e; n++; }
+            }
+            return se === 0 ? 99 : 10 * Math.log10(255 * 255 / (se / n));
+        }"""
+    )
+
+
+def snapshot_canvas(page: Any) -> None:
+    page.evaluate(
+        """() => {
+            const c = document.getElementById('screen');
+            window.__snapshot = c.getContext('2d').getImageData(0, 0, c.width, c.height).data.slice();
+        }"""
+    )
+
+
 def test_tiny_world_controls_from_schema(page: Any, server_factory: ServerFactory) -> None:
     srv = server_factory(pipeline="tiny-world", codec="jpeg", ready_timeout_s=180)
     page.goto(f"{srv.base_url}/?seed=1")
     wait_frames(page, 2, timeout_ms=60_000)
+    # The demo starts idle (`none`): the world holds still rather than melting (issue #16).
+    snapshot_canvas(page)
+    wait_frames(page, 40, timeout_ms=60_000)
+    assert page.evaluate("window.dreamstream.lastAction.move") == "none"
+    idle_psnr = canvas_psnr_to_snapshot(page)
+    assert idle_psnr >= IDLE_PSNR_FLOOR_DB, f"idle frames 2 -> 40 differ: {idle_psnr:.1f} dB"
     assert page.locator("button[data-action='up']").count() == 1
     page.keyboard.down("a")
     page.wait_for_function("window.dreamstream.lastAction.move === 'left'", timeout=10_000)

@@ -19,6 +19,8 @@ Metrics (generated frames vs the environment's real frames for the same actions)
 * **stop-go-stop**: stationary stretches between moves (:data:`STOP_GO_STOP`): for each
   stretch, PSNR of its last frame to its first; and action-following over the whole schedule
   (a ``none`` step must not move).
+* **copy gate**: what a copy-gate model learned, ``g`` per action at each sampler noise level
+  (1: copy the previous frame; 0: generate it whole).
 * **frames/s**: one session, generate (incl. decode) + finalize per frame.
 """
 
@@ -45,6 +47,7 @@ from pipeline.tiny_world.env import (
 )
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, tiny_world_config
 from pipeline.tiny_world.train import EVAL_SEED_BASE
+from pipeline.tiny_world.transformer import TinyWorldTransformer
 from protocol.png import encode_png
 
 # ---------------------------------------------------------------------------- measurements
@@ -220,7 +223,34 @@ class EvalResult:
     stopgo_stretch_psnr: list[float]
     """Per stationary stretch of :data:`STOP_GO_STOP`: PSNR of its last frame to its first."""
     stopgo_following: float
+    copy_gate: dict[str, dict[str, float]] | None
+    """The copy gate ``g`` by action at each sampler noise level (``None``: a model without it)."""
     fps_single: float
+
+
+@torch.no_grad()
+def copy_gate_by_action(pipe: TinyWorldPipeline) -> dict[str, dict[str, float]] | None:
+    """``g`` of the copy gate per action name and noise level of the pipeline's sampler.
+
+    The gate depends on the action and the noise level only (not on the frame), so this is the
+    whole of what it learned.
+    """
+    transformer = pipe.diffusion_model.transformer
+    assert isinstance(transformer, TinyWorldTransformer)
+    net = transformer.net
+    if not net.config.copy_gate:
+        return None
+    sigmas = pipe.diffusion_model.scheduler.sigmas[:-1]  # type: ignore[attr-defined]
+    device = net.inp.weight.device
+    levels = torch.as_tensor([float(x) for x in sigmas], device=device)
+    gates: dict[str, dict[str, float]] = {}
+    for action in Action:
+        acts = torch.full((len(levels), 1), int(action), dtype=torch.long, device=device)
+        cond = net.condition(levels[:, None], acts)
+        g = torch.sigmoid(net.gate(cond[: len(levels), 0])).squeeze(-1).tolist()
+        by_level = zip(levels.tolist(), g, strict=True)
+        gates[action.name.lower()] = {f"{lv:.2f}": round(v, 5) for lv, v in by_level}
+    return gates
 
 
 @torch.no_grad()
@@ -345,6 +375,7 @@ def evaluate(
         idle_sharpness_last=idle_sharp,
         stopgo_stretch_psnr=stretches,
         stopgo_following=stopgo_follow,
+        copy_gate=copy_gate_by_action(pipe),
         fps_single=measure_fps(pipe),
     )
 

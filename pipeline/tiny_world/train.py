@@ -116,8 +116,9 @@ class TrainConfig:
     cores a step is 10–20 % faster after ~40 s of compilation. The thread count is then fixed at
     ``max_threads``: every thread count is a separate compilation. Falls back to eager, with a
     log line, if compilation fails (no C++ compiler, say)."""
-    distill_steps: int = 400
-    """Few-step distillation steps after dynamics training (0: skip)."""
+    distill_steps: int = 150
+    """Few-step distillation steps after dynamics training (0: skip). 150 (was 400) keeps the
+    whole command under an hour on the reference cores on a slow day (run v5, issue #16)."""
     distill_batch: int = 16
     """Sequences per distillation step."""
     distill_lr: float = 1e-4
@@ -126,9 +127,9 @@ class TrainConfig:
     """Euler steps of the teacher's samples."""
     distill_student_steps: int = 2
     """Euler steps the student is distilled for (the pipeline's default)."""
-    decoder_finetune_steps: int = 1000
+    decoder_finetune_steps: int = 800
     """Decoder fine-tuning steps on generated latents after dynamics training (0: skip)."""
-    decoder_finetune_pairs: int = 4096
+    decoder_finetune_pairs: int = 3072
     """(generated latent, real frame) pairs made for decoder fine-tuning."""
     decoder_finetune_sampling_steps: int = 2
     """Euler steps used to generate those latents. 2, not the pipeline's 4: the blurrier 2-step
