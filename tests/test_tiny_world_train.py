@@ -40,11 +40,12 @@ def old_parameters(cfg: TrainConfig) -> dict[str, tuple[int, float, float, int]]
         "ae": (cfg.ae_steps, cfg.ae_lr, 0.05, 100),
         "dyn": (cfg.dyn_steps, cfg.dyn_lr, 0.1, 50),
         "distill": (cfg.distill_steps, cfg.distill_lr, 0.1, 20),
+        "gate": (cfg.gate_steps, cfg.gate_lr, 0.1, 1),
         "decoder": (cfg.decoder_finetune_steps, cfg.decoder_finetune_lr, 0.05, 50),
     }
 
 
-STAGES = ("ae", "dyn", "distill", "decoder")
+STAGES = ("ae", "dyn", "distill", "gate", "decoder")
 
 
 @pytest.fixture(autouse=True)
@@ -203,7 +204,7 @@ def test_smoke_training_resumes_with_the_same_lr_and_weights(
         except Interrupted:
             continue
     assert lrs == pytest.approx(reference, rel=1e-12)  # checkpoints fell on the interruptions
-    for name in ("ae", "dyn", "distill", "decoder"):
+    for name in STAGES:
         want = torch.load(cfg.out / f"{name}.ckpt")
         got = torch.load(resumed.out / f"{name}.ckpt")
         assert got["step"] == want["step"]

@@ -362,7 +362,7 @@ class DynamicsTransformer(nn.Module):
         shift, scale = self.ada_out(cond)[: x.shape[0]].unsqueeze(2).chunk(2, dim=-1)
         return self.out(self.norm_out(x) * (1 + scale) + shift), kvs
 
-    def _gated(
+    def apply_copy_gate(
         self, v: Tensor, noisy: Tensor, sigma: Tensor, cond: Tensor, previous: Tensor | None
     ) -> Tensor:
         """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy gate.
@@ -436,7 +436,7 @@ class DynamicsTransformer(nn.Module):
         noisy = self.patchify(z_noisy)
         out, _ = self._run(noisy, cond, self._rope(slots[t:]), context, mask[n:])
         prev = None if previous is None else self.patchify(previous)
-        return self.unpatchify(self._gated(out, noisy, sigma_noisy, cond, prev))
+        return self.unpatchify(self.apply_copy_gate(out, noisy, sigma_noisy, cond, prev))
 
     def forward_train(
         self,
@@ -468,7 +468,7 @@ class DynamicsTransformer(nn.Module):
         )
         out, _ = self._run(tokens, cond, self._rope(slots), None, mask)
         prev = None if previous is None else self.patchify(previous)
-        return self.unpatchify(self._gated(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev))
+        return self.unpatchify(self.apply_copy_gate(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev))
 
     # ---- inference with a sliding-window KV cache -----------------------------------------
     def new_cache(
@@ -531,4 +531,4 @@ class DynamicsTransformer(nn.Module):
         slot = torch.full((1,), num_context_frames, device=tokens.device)
         out, kvs = self._run(tokens[:, None], cond, self._rope(slot), context, None)
         prev = None if previous is None else previous[:, None]
-        return self._gated(out, tokens[:, None], sigma[:, None], cond, prev)[:, 0], kvs
+        return self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev)[:, 0], kvs

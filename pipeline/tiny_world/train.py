@@ -127,9 +127,18 @@ class TrainConfig:
     """Euler steps of the teacher's samples."""
     distill_student_steps: int = 2
     """Euler steps the student is distilled for (the pipeline's default)."""
+    gate_steps: int = 100
+    """Copy-gate calibration steps after distillation (0: skip; models without the gate skip it).
+    The gate alone is trained, on the flow-matching loss of teacher-forced walks: its sigmoid
+    saturates as it nears the copy the data ask for under ``none``, and the shared training's
+    gradient vanishes with it (v5 without this stage: g = 0.995-0.997, and an idle view that
+    slowly softens). Adam's normalised steps keep moving it. Each step is one forward without
+    gradients plus the 193-parameter gate."""
+    gate_lr: float = 1e-2
+    """Peak learning rate of copy-gate calibration."""
     decoder_finetune_steps: int = 800
     """Decoder fine-tuning steps on generated latents after dynamics training (0: skip)."""
-    decoder_finetune_pairs: int = 3072
+    decoder_finetune_pairs: int = 2560
     """(generated latent, real frame) pairs made for decoder fine-tuning."""
     decoder_finetune_sampling_steps: int = 2
     """Euler steps used to generate those latents. 2, not the pipeline's 4: the blurrier 2-step
@@ -179,6 +188,7 @@ def smoke_config(out: Path) -> TrainConfig:
         dyn_batch=4,
         dyn_frames=4,
         distill_steps=3,
+        gate_steps=3,
         distill_batch=2,
         decoder_finetune_steps=4,
         decoder_finetune_pairs=8,
@@ -325,6 +335,7 @@ def lr_schedules(cfg: TrainConfig) -> dict[str, LRSchedule]:
         "ae": LRSchedule(cfg.ae_lr, cfg.ae_steps, floor=0.05, warmup=100),
         "dyn": LRSchedule(cfg.dyn_lr, cfg.dyn_steps, floor=0.1, warmup=50),
         "distill": LRSchedule(cfg.distill_lr, cfg.distill_steps, floor=0.1, warmup=20),
+        "gate": LRSchedule(cfg.gate_lr, cfg.gate_steps, floor=0.1, warmup=1),
         "decoder": LRSchedule(cfg.decoder_finetune_lr, cfg.decoder_finetune_steps, floor=0.05, warmup=50),
     }
 
@@ -813,6 +824,56 @@ def _distill_step(
     return {"loss": loss.detach()}
 
 
+def calibrate_gate(
+    cfg: TrainConfig, data: dict[str, torch.Tensor], model: DynamicsTransformer, log: RunLog
+) -> DynamicsTransformer:
+    """Train the copy gate of ``model`` alone (see :attr:`TrainConfig.gate_steps`)."""
+    device = _device()
+    model = model.eval().requires_grad_(False)
+    model.gate.requires_grad_(True)
+    schedule = lr_schedules(cfg)["gate"]
+    opt = torch.optim.AdamW(model.gate.parameters(), lr=schedule.peak, weight_decay=0.0)
+    stage = Stage("gate", {"gate": model.gate}, opt, schedule)
+    start = stage.resume(cfg.out, device)
+    if start < stage.steps:
+        mask, slots = model.training_mask(cfg.dyn_frames, device)
+        run_stage(stage, start, partial(_gate_step, cfg, data, model, opt, mask, slots), cfg, log)
+    return model.requires_grad_(False)
+
+
+def _gate_step(
+    cfg: TrainConfig,
+    data: dict[str, torch.Tensor],
+    model: DynamicsTransformer,
+    opt: torch.optim.Optimizer,
+    mask: torch.Tensor,
+    slots: torch.Tensor,
+    step: int,
+) -> Losses:
+    """``dynamics_loss`` with the transformer's velocity computed once, without gradients."""
+    device = _device()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_037 + step)
+    idx = torch.randint(0, data["acts"].shape[0], (cfg.dyn_batch,), generator=gen)
+    z, a = (x.to(device) for x in _dyn_batch(data, idx, cfg.dyn_frames, gen))
+    b, t = z.shape[:2]
+    sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1).to(device)
+    ctx_sigma = torch.rand(b, t, generator=gen) * cfg.context_noise
+    ctx_sigma = (ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)).to(device)
+    eps = torch.randn(z[:, 1:].shape, generator=gen).to(device)
+    eps_ctx = torch.randn(z.shape, generator=gen).to(device)
+    s, sc = sigma[..., None, None, None], ctx_sigma[..., None, None, None]
+    noisy = (1 - s) * z[:, 1:] + s * eps
+    context = (1 - sc) * z + sc * eps_ctx
+    with torch.no_grad(), _autocast(device, cfg.amp):
+        v_net = model.forward_train(context, ctx_sigma, noisy, sigma, a, mask, slots).float()
+        cond = model.condition(sigma, a[:, 1:]).float()
+    patch = model.patchify
+    v = model.apply_copy_gate(patch(v_net), patch(noisy), sigma, cond, patch(z[:, :-1]))
+    loss = (model.unpatchify(v) - (eps - z[:, 1:])).pow(2).mean()
+    _descend(opt, loss)
+    return {"loss": loss.detach()}
+
+
 def _euler_sigmas(num_steps: int) -> list[float]:
     return FlowMatchEulerScheduler.make_sigmas(FlowMatchEulerSchedulerConfig(num_steps=num_steps))
 
@@ -1020,6 +1081,8 @@ def train(cfg: TrainConfig) -> WeightsMeta:
     dyn = train_dynamics(cfg, data, log)
     if cfg.distill_steps > 0:
         dyn = distill_dynamics(cfg, data, dyn, log)
+    if cfg.gate_steps > 0 and cfg.dynamics.copy_gate:
+        dyn = calibrate_gate(cfg, data, dyn, log)
     if cfg.decoder_finetune_steps > 0:
         ae = finetune_decoder(cfg, maps, ae, dyn, data, log)
     del maps
@@ -1035,6 +1098,7 @@ def train(cfg: TrainConfig) -> WeightsMeta:
             "ae_steps": cfg.ae_steps,
             "dyn_steps": cfg.dyn_steps,
             "distill_steps": cfg.distill_steps,
+            "gate_steps": cfg.gate_steps,
             "decoder_finetune_steps": cfg.decoder_finetune_steps,
             "num_worlds": cfg.num_worlds,
             "num_trajectories": cfg.num_trajectories,
