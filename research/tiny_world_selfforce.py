@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from pipeline.tiny_world.env import make_maps, sample_trajectories
-from pipeline.tiny_world.train import _autocast, _euler_sigmas, _sample_sigma, _to_unit
+from pipeline.tiny_world.train import _autocast, _context_sigma, _euler_sigmas, _sample_sigma, _to_unit
 from pipeline.tiny_world.weights import WEIGHTS_DIR, load_weights, save_weights
 
 P = argparse.ArgumentParser()
@@ -222,37 +222,33 @@ def self_forced(model, gen, b, k, hold, steps):
     return ctx[:, -T:], z[:, -T:], a[:, -T:], (g[:, -1] - z[:, -1]).pow(2).mean().item()
 
 
-def fm_loss(model, context, target, actions, mask, slots, gen):
-    """train.dynamics_loss with context and target decoupled (context may be generated)."""
+def noised(context, target, gen):
+    """Flow-matching inputs drawn as in train.dynamics_loss, for a context (which may be generated)
+    and the real walk ``target``: (noised context, its levels, noised frames 1..T-1, their levels,
+    their velocity target)."""
     b, t = target.shape[:2]
     sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1)
-    ctx_sigma = torch.rand(b, t, generator=gen) * args.context_noise
-    ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
+    ctx_sigma = _context_sigma(b, t, gen, args.context_noise)
     eps = torch.randn(target.shape, generator=gen)
     eps_ctx = torch.randn(target.shape, generator=gen)
-    x0 = target[:, 1:]
     s = sigma[..., None, None, None]
     sc = ctx_sigma[..., None, None, None]
-    noisy = (1 - s) * x0 + s * eps[:, 1:]
-    ctx = (1 - sc) * context + sc * eps_ctx
+    noisy = (1 - s) * target[:, 1:] + s * eps[:, 1:]
+    return (1 - sc) * context + sc * eps_ctx, ctx_sigma, noisy, sigma, eps[:, 1:] - target[:, 1:]
+
+
+def fm_loss(model, context, target, actions, mask, slots, gen):
+    """train.dynamics_loss with context and target decoupled (context may be generated)."""
+    ctx, ctx_sigma, noisy, sigma, velocity = noised(context, target, gen)
     with _autocast(torch.device("cpu"), True):
         v = model.forward_train(ctx, ctx_sigma, noisy, sigma, actions, mask, slots)
-    return (v.float() - (eps[:, 1:] - x0)).pow(2).mean(dim=(2, 3, 4))  # [B, T-1]
+    return (v.float() - velocity).pow(2).mean(dim=(2, 3, 4))  # [B, T-1]
 
 
 def anchor_loss(model, z, actions, mask, slots, gen):
     """Velocity of the model vs the frozen shipped (distilled) model on the same noised real walk,
     inputs drawn as in train.dynamics_loss: keeps the few-step sampler's behaviour on moves."""
-    b, t = z.shape[:2]
-    sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1)
-    ctx_sigma = torch.rand(b, t, generator=gen) * args.context_noise
-    ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
-    eps = torch.randn(z.shape, generator=gen)
-    eps_ctx = torch.randn(z.shape, generator=gen)
-    s = sigma[..., None, None, None]
-    sc = ctx_sigma[..., None, None, None]
-    noisy = (1 - s) * z[:, 1:] + s * eps[:, 1:]
-    ctx = (1 - sc) * z + sc * eps_ctx
+    ctx, ctx_sigma, noisy, sigma, _ = noised(z, z, gen)
     with _autocast(torch.device("cpu"), True):
         with torch.no_grad():
             vt = frozen.forward_train(ctx, ctx_sigma, noisy, sigma, actions, mask, slots).float()

@@ -401,7 +401,7 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
     def loss_and_grads(forward: TrainForward) -> tuple[torch.Tensor, list[torch.Tensor]]:
         net.zero_grad(set_to_none=True)
         gen = torch.Generator().manual_seed(9)
-        loss = dynamics_loss(forward, net.config, *batch, mask, slots, gen, cfg.context_noise, cfg.amp)
+        loss = dynamics_loss(forward, *batch, mask, slots, gen, cfg.context_noise, cfg.amp)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
 

@@ -247,7 +247,7 @@ def copy_gate_by_action(pipe: TinyWorldPipeline) -> dict[str, dict[str, float]] 
     for action in Action:
         acts = torch.full((len(levels), 1), int(action), dtype=torch.long, device=device)
         cond = net.condition(levels[:, None], acts)
-        g = torch.sigmoid(net.gate(cond[: len(levels), 0])).squeeze(-1).tolist()
+        g = net.gate_value(cond[: len(levels), 0]).squeeze(-1).tolist()
         by_level = zip(levels.tolist(), g, strict=True)
         gates[action.name.lower()] = {f"{lv:.2f}": round(v, 5) for lv, v in by_level}
     return gates

@@ -362,6 +362,10 @@ class DynamicsTransformer(nn.Module):
         shift, scale = self.ada_out(cond)[: x.shape[0]].unsqueeze(2).chunk(2, dim=-1)
         return self.out(self.norm_out(x) * (1 + scale) + shift), kvs
 
+    def gate_value(self, cond: Tensor) -> Tensor:
+        """The copy gate ``g [B', F, 1]`` (fp32) for per-frame conditions ``cond [B', F, d]``."""
+        return torch.sigmoid(self.gate(cond).float())
+
     def apply_copy_gate(
         self, v: Tensor, noisy: Tensor, sigma: Tensor, cond: Tensor, previous: Tensor | None
     ) -> Tensor:
@@ -374,7 +378,7 @@ class DynamicsTransformer(nn.Module):
         """
         if not self.config.copy_gate or previous is None:
             return v
-        g = torch.sigmoid(self.gate(cond)[: v.shape[0]].float()).unsqueeze(-1)
+        g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1)
         s = sigma.float().clamp_min(GATE_SIGMA_FLOOR)[..., None, None]
         return v + g * ((noisy - previous) / s - v)
 

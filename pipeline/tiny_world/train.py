@@ -581,9 +581,15 @@ TrainForward = Callable[..., torch.Tensor]
 """:meth:`DynamicsTransformer.forward_train` of a model, or its compiled version."""
 
 
+def _context_sigma(b: int, t: int, gen: torch.Generator, context_noise: float) -> torch.Tensor:
+    """Context noise levels ``[B, T]`` of teacher forcing: ``U(0, context_noise)`` 90 % of the
+    time, else 0 (CPU generator)."""
+    sigma = torch.rand(b, t, generator=gen) * context_noise
+    return sigma * (torch.rand(b, t, generator=gen) < 0.9)
+
+
 def dynamics_loss(
     forward: TrainForward,
-    arch: DynamicsConfig,
     z: torch.Tensor,
     actions: torch.Tensor,
     mask: torch.Tensor,
@@ -595,16 +601,14 @@ def dynamics_loss(
 ) -> torch.Tensor:
     """Flow-matching MSE on frames 1..T-1 given (noised) clean context frames (CPU generator).
 
-    ``forward``: a model's ``forward_train`` (or its compiled version) of architecture ``arch``;
-    with :attr:`~pipeline.tiny_world.nets.DynamicsConfig.copy_gate` it gets each frame's previous
-    clean frame too.
+    ``forward``: a model's ``forward_train`` (or its compiled version). It also gets each frame's
+    previous clean frame, which a model with the copy gate blends in and any other ignores.
     """
     b, t = z.shape[:2]
     device = z.device
     if fixed_sigma is None:
         sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1)
-        ctx_sigma = torch.rand(b, t, generator=gen) * context_noise
-        ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
+        ctx_sigma = _context_sigma(b, t, gen, context_noise)
     else:
         sigma = torch.full((b, t - 1), fixed_sigma)
         ctx_sigma = torch.zeros(b, t)
@@ -616,9 +620,8 @@ def dynamics_loss(
     sc = ctx_sigma[..., None, None, None]
     noisy = (1 - s) * x0 + s * eps[:, 1:]
     context = (1 - sc) * z + sc * eps_ctx
-    previous = z[:, :-1] if arch.copy_gate else None
     with _autocast(device, amp):
-        v = forward(context, ctx_sigma, noisy, sigma, actions, mask, slots, previous)
+        v = forward(context, ctx_sigma, noisy, sigma, actions, mask, slots, z[:, :-1])
     return (v.float() - (eps[:, 1:] - x0)).pow(2).mean()
 
 
@@ -639,14 +642,7 @@ def _compiled_train_forward(
     compiled: TrainForward = torch.compile(model.forward_train, dynamic=False)
     try:
         loss = dynamics_loss(
-            compiled,
-            model.config,
-            *batch,
-            mask,
-            slots,
-            torch.Generator().manual_seed(0),
-            cfg.context_noise,
-            cfg.amp,
+            compiled, *batch, mask, slots, torch.Generator().manual_seed(0), cfg.context_noise, cfg.amp
         )
         loss.backward()
     except Exception as exc:  # any compiler failure: the eager step computes the same thing
@@ -706,7 +702,7 @@ def _dynamics_step(
     idx = torch.randint(0, n_train, (cfg.dyn_batch,), generator=gen)
     z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
     z, a = z.to(device), a.to(device)
-    loss = dynamics_loss(forward, model.config, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
+    loss = dynamics_loss(forward, z, a, mask, slots, gen, cfg.context_noise, cfg.amp)
     params: list[torch.Tensor] = list(model.parameters())
     _descend(opt, loss, clip=params)
     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -729,7 +725,7 @@ def _dynamics_validate(
     record = {}
     for sig in (0.3, 0.7, 1.0):
         gen = torch.Generator().manual_seed(3)
-        v = dynamics_loss(ema.forward_train, ema.config, val_z, val_a, mask, slots, gen, 0.0, amp, sig)
+        v = dynamics_loss(ema.forward_train, val_z, val_a, mask, slots, gen, 0.0, amp, sig)
         record[f"val_sigma{sig}"] = round(v.item(), 5)
     return record
 
@@ -747,12 +743,12 @@ def _euler(
     slots: torch.Tensor,
     sigmas: list[float],
     amp: bool,
-    previous: torch.Tensor | None,
+    previous: torch.Tensor,
 ) -> torch.Tensor:
     """Euler-sample frames 1..T-1 (all at once, teacher-forced context) from ``noise``.
 
     The context's keys and values are computed once and shared by every step. ``previous``: the
-    clean frames 0..T-2 (copy-gate models).
+    clean frames 0..T-2 (for the copy gate).
     """
     x = noise
     b, t1 = noise.shape[:2]
@@ -808,14 +804,13 @@ def _distill_step(
     idx = torch.randint(0, data["acts"].shape[0], (cfg.distill_batch,), generator=gen)
     z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
     b, t = z.shape[:2]
-    ctx_sigma = torch.rand(b, t, generator=gen) * cfg.context_noise
-    ctx_sigma = ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)
+    ctx_sigma = _context_sigma(b, t, gen, cfg.context_noise)
     ctx_noise = torch.randn(z.shape, generator=gen)
     noise = torch.randn(z[:, 1:].shape, generator=gen)
     sc = ctx_sigma[..., None, None, None]
     context = ((1 - sc) * z + sc * ctx_noise).to(device)
     z, a, ctx_sigma, noise = z.to(device), a.to(device), ctx_sigma.to(device), noise.to(device)
-    previous = z[:, :-1] if student.config.copy_gate else None
+    previous = z[:, :-1]
     with torch.no_grad():
         target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, sigmas[0], cfg.amp, previous)
     sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, sigmas[1], cfg.amp, previous)
@@ -857,8 +852,7 @@ def _gate_step(
     z, a = (x.to(device) for x in _dyn_batch(data, idx, cfg.dyn_frames, gen))
     b, t = z.shape[:2]
     sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1).to(device)
-    ctx_sigma = torch.rand(b, t, generator=gen) * cfg.context_noise
-    ctx_sigma = (ctx_sigma * (torch.rand(b, t, generator=gen) < 0.9)).to(device)
+    ctx_sigma = _context_sigma(b, t, gen, cfg.context_noise).to(device)
     eps = torch.randn(z[:, 1:].shape, generator=gen).to(device)
     eps_ctx = torch.randn(z.shape, generator=gen).to(device)
     s, sc = sigma[..., None, None, None], ctx_sigma[..., None, None, None]

@@ -43,9 +43,10 @@ class TinyWorldCache(TransformerAutoregressiveCache):
     last: Tensor | None = None
     """Copy-gate models: tokens ``[B, P, D]`` of the latest clean frame (the first frame at start)."""
     pending: Tensor | None = None
-    """Copy-gate models: clean tokens of the step being generated, until its ``finalize``."""
+    """Copy-gate models: clean tokens ``[1, P, D]`` of the rollout's step being generated, until
+    its ``finalize`` (kept on the rollout's own cache, also when it is generated in a batch)."""
     members: list[TinyWorldCache] = field(default_factory=list, repr=False)
-    """A stacked cache's rollouts (their ``pending`` is set by a batched ``generate``)."""
+    """A stacked cache's rollouts, in batch order."""
 
 
 @dataclass(kw_only=True)
@@ -176,11 +177,10 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         return velocity.to(noisy_latent.dtype)
 
     def postprocess_clean_latent(self, clean_latent: Tensor, cache: TinyWorldCache, input: Any) -> Tensor:
-        """Copy-gate models: hold the clean frame as ``pending`` (each rollout's, when batched)."""
+        """Copy-gate models: each rollout holds its clean frame as ``pending``."""
         if self.config.arch.copy_gate:
-            cache.pending = clean_latent
-            for i, member in enumerate(cache.members):
-                member.pending = clean_latent[i : i + 1]
+            for i, rollout in enumerate(_rollouts(cache)):
+                rollout.pending = clean_latent[i : i + 1]
         return clean_latent
 
     def finalize_kv_cache(self, latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any) -> None:
@@ -188,9 +188,13 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         cache.kv.append_frame(kvs)
         cache.rotated = None
         if self.config.arch.copy_gate:
-            if cache.pending is None:
+            rollouts = _rollouts(cache)
+            frames = [r.pending for r in rollouts if r.pending is not None]
+            if len(frames) != len(rollouts):
                 raise FinalizeError("finalize of a copy-gate tiny-world step that was not generated")
-            cache.last, cache.pending = cache.pending, None
+            cache.last = frames[0] if len(frames) == 1 else torch.cat(frames)
+            for r in rollouts:
+                r.pending = None
 
     def _actions(self, input: Any, tokens: Tensor) -> Tensor:
         actions = self.patchify_input(input)
@@ -203,8 +207,6 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         stacked = TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
         if self.config.arch.copy_gate:
             stacked.last = torch.cat([_required(c.last, "last") for c in caches])
-            if all(c.pending is not None for c in caches):
-                stacked.pending = torch.cat([_required(c.pending, "pending") for c in caches])
             stacked.members = list(caches)
         return stacked
 
@@ -213,7 +215,12 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         for i, c in enumerate(caches):
             c.rotated = None
             if batched.last is not None:
-                c.last, c.pending = batched.last[i : i + 1], None
+                c.last = batched.last[i : i + 1]
+
+
+def _rollouts(cache: TinyWorldCache) -> list[TinyWorldCache]:
+    """The per-rollout caches ``cache`` stands for: its members if stacked, else itself."""
+    return cache.members or [cache]
 
 
 def _required(tensor: Tensor | None, name: str) -> Tensor:
