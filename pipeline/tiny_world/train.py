@@ -9,10 +9,13 @@ Stages (each resumable from its latest checkpoint in ``--out``; finished stages 
 3. ``dyn``: the dynamics transformer with teacher forcing and context-noise augmentation
    (clean context frames are noised to a random small level, as ``finalize`` does at inference).
 4. ``distill``: few-step distillation (the 2-step Euler sample must match an 8-step one).
-5. ``decoder``: decoder fine-tuning on latents the model generates (encoder frozen).
-6. ``export``: fp16 safetensors + metadata JSON into ``--export-dir`` (the package by default).
+5. ``refine``: on-policy distillation: the 2-step sample must match the distilled model's 4-step
+   one, both given the student's own 2-step samples as context.
+6. ``gate``: copy-gate calibration (the gate's parameters alone).
+7. ``decoder``: decoder fine-tuning on latents the model generates (encoder frozen).
+8. ``export``: fp16 safetensors + metadata JSON into ``--export-dir`` (the package by default).
 
-The four optimisation stages (1, 3, 4, 5) share one loop, :func:`run_stage`: resume from the
+The six optimisation stages (1, 3–7) share one loop, :func:`run_stage`: resume from the
 checkpoint, learning-rate schedule (``LambdaLR``: linear warm-up times a cosine decay), thread
 tuning, log lines, periodic validation and atomic checkpoints. Each stage supplies a
 :class:`Stage` (its modules, optimiser and :class:`LRSchedule`) and a function running one step.
@@ -83,8 +86,8 @@ class TrainConfig:
     """Autoencoder architecture."""
     dynamics: DynamicsConfig = field(default_factory=lambda: DynamicsConfig(copy_gate=True))
     """Dynamics transformer architecture (with the copy gate: issue #16)."""
-    ae_steps: int = 3000
-    """Autoencoder optimiser steps."""
+    ae_steps: int = 2800
+    """Autoencoder optimiser steps (3000 before run v6, which needed the time for ``refine``)."""
     ae_batch: int = 64
     """Views per autoencoder step."""
     ae_lr: float = 2e-3
@@ -97,8 +100,9 @@ class TrainConfig:
     """Encoded camera walks for dynamics training."""
     trajectory_length: int = 16
     """Frames per encoded walk."""
-    dyn_steps: int = 2600
-    """Dynamics optimiser steps."""
+    dyn_steps: int = 2400
+    """Dynamics optimiser steps (2600 before run v6, which needed the time for ``refine``; v5's
+    EMA loss moved from 0.2315 to 0.2292 over its last 250)."""
     dyn_batch: int = 32
     """Sequences per dynamics step."""
     dyn_frames: int = 8
@@ -109,8 +113,9 @@ class TrainConfig:
     """Context frames are noised to ``U(0, context_noise)`` (90 % of the time) in training."""
     ema_decay: float = 0.998
     """EMA of the dynamics weights (the EMA is exported)."""
-    val_every: int = 500
-    """Dynamics steps between validation losses of the EMA (and at the end)."""
+    val_every: int = 800
+    """Dynamics steps between validation losses of the EMA (and at the end). Each costs ~16 s on
+    the reference cores."""
     compile: bool = True
     """``torch.compile`` the dynamics training step (fixed shapes: one graph). On the 2 reference
     cores a step is 10–20 % faster after ~40 s of compilation. The thread count is then fixed at
@@ -126,7 +131,20 @@ class TrainConfig:
     distill_teacher_steps: int = 8
     """Euler steps of the teacher's samples."""
     distill_student_steps: int = 2
-    """Euler steps the student is distilled for (the pipeline's default)."""
+    """Euler steps the student is distilled for (``distill`` and ``refine``)."""
+    refine_steps: int = 150
+    """On-policy distillation steps after ``distill`` (0: skip). The distilled model, frozen, is
+    the teacher at ``refine_teacher_steps``; its copy, the student, samples at
+    ``distill_student_steps``. The context of both is the student's own 2-step samples of the walk
+    (from the real, noised context), not the real frames: in a rollout a 2-step frame is a little
+    softer than its context, and that loss compounded (64-step rollouts of v5 at 2 steps: sharpness
+    0.49 over the first 8 frames, 0.19 over the last 16). The 4-step teacher, given the same soft
+    context, shows the student how to restore it. Measured from v5's stages: sharpness at 2 steps
+    0.28 → 0.42, at 4 steps 0.56 → 0.62 (issue #16)."""
+    refine_teacher_steps: int = 4
+    """Euler steps of the ``refine`` teacher (8 gave 0.44 at 2 steps but 0.50 at 4)."""
+    refine_lr: float = 1e-4
+    """Peak learning rate of ``refine`` (3e-4 measured the same)."""
     gate_steps: int = 100
     """Copy-gate calibration steps after distillation (0: skip; models without the gate skip it).
     The gate alone is trained, on the flow-matching loss of teacher-forced walks: its sigmoid
@@ -188,6 +206,7 @@ def smoke_config(out: Path) -> TrainConfig:
         dyn_batch=4,
         dyn_frames=4,
         distill_steps=3,
+        refine_steps=3,
         gate_steps=3,
         distill_batch=2,
         decoder_finetune_steps=4,
@@ -335,6 +354,7 @@ def lr_schedules(cfg: TrainConfig) -> dict[str, LRSchedule]:
         "ae": LRSchedule(cfg.ae_lr, cfg.ae_steps, floor=0.05, warmup=100),
         "dyn": LRSchedule(cfg.dyn_lr, cfg.dyn_steps, floor=0.1, warmup=50),
         "distill": LRSchedule(cfg.distill_lr, cfg.distill_steps, floor=0.1, warmup=20),
+        "refine": LRSchedule(cfg.refine_lr, cfg.refine_steps, floor=0.1, warmup=20),
         "gate": LRSchedule(cfg.gate_lr, cfg.gate_steps, floor=0.1, warmup=1),
         "decoder": LRSchedule(cfg.decoder_finetune_lr, cfg.decoder_finetune_steps, floor=0.05, warmup=50),
     }
@@ -762,11 +782,38 @@ def _euler(
     return x
 
 
+@dataclass(frozen=True)
+class DistillPass:
+    """What separates the two distillation stages, ``distill`` and ``refine``."""
+
+    name: str
+    """Stage name (log records, checkpoint, learning-rate schedule)."""
+    teacher_steps: int
+    """Euler steps of the teacher's samples."""
+    own_context: bool
+    """Context frames are the student's own samples of the walk, not the real frames."""
+    seed_offset: int
+    """Added to each step's seed (past any step count), so the two stages draw different walks
+    and noise."""
+
+
+def distill_passes(cfg: TrainConfig) -> tuple[DistillPass, DistillPass]:
+    """``distill`` then ``refine`` (see :attr:`TrainConfig.refine_steps`)."""
+    return (
+        DistillPass("distill", cfg.distill_teacher_steps, own_context=False, seed_offset=0),
+        DistillPass("refine", cfg.refine_teacher_steps, own_context=True, seed_offset=1 << 24),
+    )
+
+
 def distill_dynamics(
-    cfg: TrainConfig, data: dict[str, torch.Tensor], teacher: DynamicsTransformer, log: RunLog
+    cfg: TrainConfig,
+    data: dict[str, torch.Tensor],
+    teacher: DynamicsTransformer,
+    log: RunLog,
+    spec: DistillPass,
 ) -> DynamicsTransformer:
     """Few-step distillation: the student's ``distill_student_steps``-step Euler sample must match
-    the teacher's ``distill_teacher_steps``-step sample from the same noise and context.
+    the teacher's ``spec.teacher_steps``-step sample from the same noise and context.
 
     Flow matching with 2 Euler steps predicts close to the conditional mean where the future is
     uncertain (new terrain entering the view), which comes out flat; the many-step teacher samples
@@ -775,20 +822,21 @@ def distill_dynamics(
     device = _device()
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     teacher = teacher.eval().requires_grad_(False)
-    schedule = lr_schedules(cfg)["distill"]
+    schedule = lr_schedules(cfg)[spec.name]
     opt = torch.optim.AdamW(student.parameters(), lr=schedule.peak, weight_decay=0.0)
-    stage = Stage("distill", {"model": student}, opt, schedule, smooth_losses=True)
+    stage = Stage(spec.name, {"model": student}, opt, schedule, smooth_losses=True)
     start = stage.resume(cfg.out, device)
     if start < stage.steps:
         mask, slots = student.training_mask(cfg.dyn_frames, device)
-        sigmas = (_euler_sigmas(cfg.distill_teacher_steps), _euler_sigmas(cfg.distill_student_steps))
-        step = partial(_distill_step, cfg, data, teacher, student, opt, mask, slots, sigmas)
+        sigmas = (_euler_sigmas(spec.teacher_steps), _euler_sigmas(cfg.distill_student_steps))
+        step = partial(_distill_step, cfg, spec, data, teacher, student, opt, mask, slots, sigmas)
         run_stage(stage, start, step, cfg, log)
     return student.eval().requires_grad_(False)
 
 
 def _distill_step(
     cfg: TrainConfig,
+    spec: DistillPass,
     data: dict[str, torch.Tensor],
     teacher: DynamicsTransformer,
     student: DynamicsTransformer,
@@ -800,17 +848,24 @@ def _distill_step(
 ) -> Losses:
     """``sigmas``: the teacher's and the student's Euler steps."""
     device = _device()
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + spec.seed_offset + step)
     idx = torch.randint(0, data["acts"].shape[0], (cfg.distill_batch,), generator=gen)
     z, a = _dyn_batch(data, idx, cfg.dyn_frames, gen)
     b, t = z.shape[:2]
     ctx_sigma = _context_sigma(b, t, gen, cfg.context_noise)
     ctx_noise = torch.randn(z.shape, generator=gen)
     noise = torch.randn(z[:, 1:].shape, generator=gen)
+    z, a, ctx_sigma, ctx_noise, noise = (x.to(device) for x in (z, a, ctx_sigma, ctx_noise, noise))
     sc = ctx_sigma[..., None, None, None]
-    context = ((1 - sc) * z + sc * ctx_noise).to(device)
-    z, a, ctx_sigma, noise = z.to(device), a.to(device), ctx_sigma.to(device), noise.to(device)
+    context = (1 - sc) * z + sc * ctx_noise
     previous = z[:, :-1]
+    if spec.own_context:
+        own_noise = torch.randn(noise.shape, generator=gen).to(device)
+        with torch.no_grad():
+            own = _euler(student, context, ctx_sigma, own_noise, a, mask, slots, sigmas[1], cfg.amp, previous)
+        clean = torch.cat([z[:, :1], own], 1)
+        context = (1 - sc) * clean + sc * ctx_noise
+        previous = clean[:, :-1]
     with torch.no_grad():
         target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, sigmas[0], cfg.amp, previous)
     sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, sigmas[1], cfg.amp, previous)
@@ -1073,8 +1128,9 @@ def train(cfg: TrainConfig) -> WeightsMeta:
     ae = train_autoencoder(cfg, maps, log)
     data = encode_trajectories(cfg, maps, ae, log)
     dyn = train_dynamics(cfg, data, log)
-    if cfg.distill_steps > 0:
-        dyn = distill_dynamics(cfg, data, dyn, log)
+    for spec, steps in zip(distill_passes(cfg), (cfg.distill_steps, cfg.refine_steps), strict=True):
+        if steps > 0:
+            dyn = distill_dynamics(cfg, data, dyn, log, spec)
     if cfg.gate_steps > 0 and cfg.dynamics.copy_gate:
         dyn = calibrate_gate(cfg, data, dyn, log)
     if cfg.decoder_finetune_steps > 0:
@@ -1092,6 +1148,7 @@ def train(cfg: TrainConfig) -> WeightsMeta:
             "ae_steps": cfg.ae_steps,
             "dyn_steps": cfg.dyn_steps,
             "distill_steps": cfg.distill_steps,
+            "refine_steps": cfg.refine_steps,
             "gate_steps": cfg.gate_steps,
             "decoder_finetune_steps": cfg.decoder_finetune_steps,
             "num_worlds": cfg.num_worlds,
@@ -1133,6 +1190,7 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     )
     p.add_argument("--decoder-texture-loss", type=float, default=None, help="texture loss weight")
     p.add_argument("--distill-steps", type=int, default=None, help="few-step distillation steps")
+    p.add_argument("--refine-steps", type=int, default=None, help="on-policy distillation steps")
     p.add_argument("--decoder-finetune-steps", type=int, default=None, help="decoder fine-tuning steps")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
     p.add_argument("--no-compile", action="store_true", help="train the dynamics model eager")
@@ -1149,6 +1207,7 @@ def _parse(argv: list[str] | None) -> TrainConfig:
         "dyn_steps",
         "num_trajectories",
         "distill_steps",
+        "refine_steps",
         "decoder_texture_loss",
         "decoder_finetune_steps",
     ):
