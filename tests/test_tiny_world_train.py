@@ -40,12 +40,13 @@ def old_parameters(cfg: TrainConfig) -> dict[str, tuple[int, float, float, int]]
         "ae": (cfg.ae_steps, cfg.ae_lr, 0.05, 100),
         "dyn": (cfg.dyn_steps, cfg.dyn_lr, 0.1, 50),
         "distill": (cfg.distill_steps, cfg.distill_lr, 0.1, 20),
+        "refine": (cfg.refine_steps, cfg.refine_lr, 0.1, 20),
         "gate": (cfg.gate_steps, cfg.gate_lr, 0.1, 1),
         "decoder": (cfg.decoder_finetune_steps, cfg.decoder_finetune_lr, 0.05, 50),
     }
 
 
-STAGES = ("ae", "dyn", "distill", "gate", "decoder")
+STAGES = ("ae", "dyn", "distill", "refine", "gate", "decoder")
 
 
 @pytest.fixture(autouse=True)
