@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -411,6 +412,50 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
     assert len(compiled_grads) == len(eager_grads)
     for got, want in zip(compiled_grads, eager_grads, strict=True):
         assert (got - want).norm() <= 0.05 * want.norm() + 1e-6
+
+
+def test_refine_distills_the_distilled_model_at_4_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``distill`` teaches the 2-step student the base model's 8-step samples; ``refine`` then
+    teaches a fresh 2-step student the *distilled* model's 4-step samples; the refined student
+    is what the gate calibration (and everything after) gets."""
+    from pipeline.tiny_world import train as train_module
+
+    cfg = train_module.smoke_config(tmp_path)
+    stages: list[tuple[str, DynamicsTransformer, DynamicsTransformer]] = []
+    frozen_sampler_steps: list[tuple[int, int]] = []  # (stages done, Euler steps) of eval-mode samples
+    calibrated: list[DynamicsTransformer] = []
+    distill, euler, calibrate = (
+        train_module.distill_dynamics,
+        train_module._euler,
+        train_module.calibrate_gate,
+    )
+
+    def spy_stage(*args: Any) -> DynamicsTransformer:
+        student = distill(*args)
+        stages.append((args[4].name, args[2], student))
+        return student
+
+    def spy_euler(model: DynamicsTransformer, *args: Any) -> torch.Tensor:
+        if not model.training:
+            frozen_sampler_steps.append((len(stages), len(args[6]) - 1))
+        return euler(model, *args)
+
+    def spy_calibrate(c: Any, data: Any, model: DynamicsTransformer, log: Any) -> DynamicsTransformer:
+        calibrated.append(model)
+        return calibrate(c, data, model, log)
+
+    monkeypatch.setattr(train_module, "distill_dynamics", spy_stage)
+    monkeypatch.setattr(train_module, "_euler", spy_euler)
+    monkeypatch.setattr(train_module, "calibrate_gate", spy_calibrate)
+    train_module.train(cfg)
+    (first, base, distilled), (second, teacher, refined) = stages
+    assert (first, second) == ("distill", "refine")
+    assert teacher is distilled and distilled is not base and refined is not distilled
+    assert calibrated == [refined]
+    teachers = {(done, steps) for done, steps in frozen_sampler_steps if done < 2}
+    assert teachers == {(0, 8), (1, 4)}
 
 
 def test_failed_compilation_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,9 +17,9 @@ from pipeline.tiny_world.weights import WEIGHTS_DIR, load_meta
 
 DEFAULT_STEPS = 4
 """Denoising steps per frame, chosen by measurement (model card, "Default number of steps"). On
-the shipped weights 4 steps give sharpness 0.55 of real, 2 steps 0.27. Both hold still (idle
-PSNR at frame 300: 48.9 / 41.3 dB). Following is 100 % at 4 steps and 99.6 % at 2. 4 steps still
-run > 30 frames/s per session on 2 CPU cores; 2 steps are ~1.7× faster."""
+the shipped weights 4 steps give sharpness 0.58 of real, 2 steps 0.40 (short of the 0.5 floor).
+Both hold still (idle PSNR at frame 300: 49.0 / 48.0 dB) and follow 99.8 % of moves. 4 steps
+still run > 30 frames/s per session on 2 CPU cores; 2 steps are ~1.7× faster."""
 DEFAULT_CONTEXT_NOISE = 0.05
 """Noise level a generated frame is written into the KV cache with."""
 
