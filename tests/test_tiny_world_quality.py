@@ -75,8 +75,8 @@ IDLE_PSNR_FLOOR = 45.0
 (frame 30: 62.5 dB; the model card: 56.3 dB at frame 100 over 8 worlds; 2 steps: 55.8 dB).
 Floor: well above an uncalibrated gate (36.2 dB) and the weights before the gate (~13.7)."""
 IDLE_SHARPNESS_FLOOR = 0.60
-"""Measured 0.648 (v5: 0.681): sharpness of idle frame 100 / the real start's (holding still by blurring must
-not pass; v5 before its gate calibration: 0.63). Floor: 0.05 under it."""
+"""Measured 0.648 (v5: 0.681): sharpness of idle frame 100 / the real start's (holding still by
+blurring must not pass; v5 before its gate calibration: 0.63). Floor: 0.05 under it."""
 STOP_PSNR_FLOOR = 50.0
 """Measured 61.2 / 59.3 / 59.4 dB: PSNR of the last frame of each 40-step stop of
 :data:`STOP_GO_STOP` to its first, over these 4 worlds (before the gate calibration: 40-44;

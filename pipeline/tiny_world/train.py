@@ -140,9 +140,9 @@ class TrainConfig:
     in 64-step rollouts (v5's stages) the base model at 8 steps had sharpness 0.30 of real, the
     distilled one 0.55 at 4 steps and 0.74 at 8. Measured on v5's stages (issue #16): sharpness at
     2 steps 0.28 → 0.42, at 4 steps 0.56 → 0.62, following 100 %; revisit PSNR 1.0 dB lower (the
-    model card). Tried alongside, same stages: the students' own 2-step samples as the context of
-    both (on-policy) measured the same as real context (0.397 / 0.577 both, on v6's stages), and a
-    teacher refreshed from the student every 50 steps collapsed (0.30 / 0.20)."""
+    model card). Tried alongside: the student's own 2-step samples as the context of both
+    (on-policy) measured the same as real context (0.397 / 0.577 against 0.397 / 0.576, on v6's
+    stages), and a teacher refreshed from the student every 50 steps collapsed (0.30 / 0.20)."""
     refine_teacher_steps: int = 4
     """Euler steps of the ``refine`` teacher (8: 0.44 at 2 steps but 0.50 at 4)."""
     refine_lr: float = 1e-4
@@ -790,6 +790,8 @@ class DistillPass:
 
     name: str
     """Stage name (log records, checkpoint, learning-rate schedule)."""
+    steps: int
+    """Optimiser steps (0: skip the stage)."""
     teacher_steps: int
     """Euler steps of the teacher's samples."""
     seed_offset: int
@@ -800,8 +802,8 @@ class DistillPass:
 def distill_passes(cfg: TrainConfig) -> tuple[DistillPass, DistillPass]:
     """``distill`` then ``refine`` (see :attr:`TrainConfig.refine_steps`)."""
     return (
-        DistillPass("distill", cfg.distill_teacher_steps, seed_offset=0),
-        DistillPass("refine", cfg.refine_teacher_steps, seed_offset=1 << 24),
+        DistillPass("distill", cfg.distill_steps, cfg.distill_teacher_steps, seed_offset=0),
+        DistillPass("refine", cfg.refine_steps, cfg.refine_teacher_steps, seed_offset=1 << 24),
     )
 
 
@@ -1121,8 +1123,8 @@ def train(cfg: TrainConfig) -> WeightsMeta:
     ae = train_autoencoder(cfg, maps, log)
     data = encode_trajectories(cfg, maps, ae, log)
     dyn = train_dynamics(cfg, data, log)
-    for spec, steps in zip(distill_passes(cfg), (cfg.distill_steps, cfg.refine_steps), strict=True):
-        if steps > 0:
+    for spec in distill_passes(cfg):
+        if spec.steps > 0:
             dyn = distill_dynamics(cfg, data, dyn, log, spec)
     if cfg.gate_steps > 0 and cfg.dynamics.copy_gate:
         dyn = calibrate_gate(cfg, data, dyn, log)
@@ -1183,7 +1185,7 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     )
     p.add_argument("--decoder-texture-loss", type=float, default=None, help="texture loss weight")
     p.add_argument("--distill-steps", type=int, default=None, help="few-step distillation steps")
-    p.add_argument("--refine-steps", type=int, default=None, help="on-policy distillation steps")
+    p.add_argument("--refine-steps", type=int, default=None, help="second distillation steps")
     p.add_argument("--decoder-finetune-steps", type=int, default=None, help="decoder fine-tuning steps")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast")
     p.add_argument("--no-compile", action="store_true", help="train the dynamics model eager")
