@@ -268,6 +268,32 @@ def measure_fps(pipe: TinyWorldPipeline, frames: int = 60) -> float:
     return frames / (time.perf_counter() - t0)
 
 
+REVISIT_LEAD = 4
+"""Steps held at ``none`` before a revisit walk leaves."""
+
+
+def revisit_actions(n: int) -> np.ndarray:
+    """:data:`REVISIT_LEAD` × ``none``, ``n`` × ``right``, ``n`` × ``left``: back to the view of
+    step :data:`REVISIT_LEAD`."""
+    return _moves((Action.NONE, REVISIT_LEAD), (Action.RIGHT, n), (Action.LEFT, n))
+
+
+def revisit_psnr(pipe: TinyWorldPipeline, world_seeds: list[int], n: int) -> tuple[float, float]:
+    """Move ``n`` steps away and ``n`` back (:func:`revisit_actions`) from each world's start.
+
+    Returns the mean PSNR of the returned view to the view before leaving (both generated: the
+    model's memory of its own frames), and of the returned view to the real one.
+    """
+    acts = np.stack([revisit_actions(n)] * len(world_seeds))
+    gen = generate_rollouts(pipe, world_seeds, acts, seed=200)
+    real = real_rollouts(world_seeds, acts)
+    back = REVISIT_LEAD + 2 * n
+    return (
+        float(np.mean([psnr(g[REVISIT_LEAD], g[back]) for g in gen])),
+        float(np.mean([psnr(g[back], r[back]) for g, r in zip(gen, real, strict=True)])),
+    )
+
+
 def idle_stability(
     pipe: TinyWorldPipeline, world_seeds: list[int], steps: int = 300
 ) -> tuple[dict[int, float], float, float]:
@@ -335,21 +361,7 @@ def evaluate(
     hr = np.stack([biome_histograms(f) for f in d_real])
     tv = 0.5 * np.abs(hg - hr).sum(-1)  # [N, T]
     agg = 0.5 * np.abs(hg.mean((0, 1)) - hr.mean((0, 1))).sum()
-    # Revisit: n steps away (right) and n back (left), then compare with the view before leaving.
-    revisit: dict[int, float] = {}
-    gt_revisit = 0.0
-    for n in (2, 4):
-        lead = 4
-        r_acts = np.array(
-            [[int(Action.NONE)] * lead + [int(Action.RIGHT)] * n + [int(Action.LEFT)] * n] * num_worlds
-        )
-        r_gen = generate_rollouts(pipe, seeds, r_acts, seed=200)
-        revisit[n] = float(np.mean([psnr(g[lead], g[lead + 2 * n]) for g in r_gen]))
-        if n == 2:
-            r_real = real_rollouts(seeds, r_acts)
-            gt_revisit = float(
-                np.mean([psnr(g[lead + 2 * n], r[lead + 2 * n]) for g, r in zip(r_gen, r_real, strict=True)])
-            )
+    revisit = {n: revisit_psnr(pipe, seeds, n) for n in (2, 4)}
     # Idle stability and stop-go-stop, from the same held-out starts.
     idle_seeds = [EVAL_SEED_BASE + i for i in range(idle_worlds)]
     idle, idle_vs_start, idle_sharp = idle_stability(pipe, idle_seeds, idle_steps)
@@ -366,9 +378,9 @@ def evaluate(
         drift_tv_aggregate=float(agg),
         dominant_biome_share_last100=float(hg[:, -100:].mean(1).max(-1).mean()),
         dominant_biome_share_last100_real=float(hr[:, -100:].mean(1).max(-1).mean()),
-        revisit_psnr_2=revisit[2],
-        revisit_psnr_4=revisit[4],
-        revisit_psnr_gt_2=gt_revisit,
+        revisit_psnr_2=revisit[2][0],
+        revisit_psnr_4=revisit[4][0],
+        revisit_psnr_gt_2=revisit[2][1],
         idle_worlds=idle_worlds,
         idle_psnr={str(n): v for n, v in idle.items()},
         idle_psnr_start_real=idle_vs_start,
