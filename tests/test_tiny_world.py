@@ -501,63 +501,6 @@ def test_known_mask_tracks_pixels_that_stayed_in_view() -> None:
     assert mask[1, :, :48].all() and not mask[1, :, 48:].any()
 
 
-def test_context_known_cells_are_the_cells_a_context_frame_showed() -> None:
-    """Every cell marked known is, pixel for pixel, a cell of one of the frame's ``window``
-    context frames; a fresh column after a move is not known, and a revisit inside the window is."""
-    from pipeline.tiny_world.train import context_known_cells
-
-    cell = VIEW_PX // 8
-    frames, actions = sample_trajectories(
-        np.stack([generate_world(s).rgb for s in range(2)]), 16, 8, np.random.default_rng(3)
-    )
-    known = context_known_cells(torch.from_numpy(actions), window=4, size=8)[:, :, 0].bool().numpy()
-    blocks = frames.reshape(16, 8, 8, cell, 8, cell, 3).transpose(0, 1, 2, 4, 3, 5, 6)  # [N, T, r, c, ...]
-    assert 0.5 < known.mean() < 1.0
-    for n, t, r, c in zip(*np.nonzero(known), strict=True):
-        block = blocks[n, t + 1, r, c]
-        assert any((blocks[n, j] == block).all(axis=(-3, -2, -1)).any() for j in range(max(0, t - 3), t + 1))
-    right, left, none = int(Action.RIGHT), int(Action.LEFT), int(Action.NONE)
-    walk = torch.tensor([[none, right, right, left, left, none, right]])
-    k = context_known_cells(walk, window=2, size=8)[0, :, 0].bool()
-    assert not k[0, :, 7].any() and k[0, :, :7].all()  # one step right: the last column is new
-    assert k[2].all()  # back left: the view of one frame before
-    assert k[3, :, 1:].all() and not k[3, :, 0].any()  # back to the start, last seen 3 frames before
-    assert k[5, :, :7].all() and not k[5, :, 7].any()  # last seen 3 frames before, too
-    wide = context_known_cells(walk, window=4, size=8)[0, :, 0].bool()
-    assert wide[3].all() and wide[5].all()  # both inside a window of 4
-
-
-def test_refine_terms_score_the_student_sample_against_the_real_walk(tmp_path: Path) -> None:
-    """``known`` ignores errors on cells no context frame showed and counts them on known cells;
-    ``texture`` is 0 for the real latents and grows for a flattened sample; the texture term
-    needs the decoder."""
-    from pipeline.errors import ConfigError
-    from pipeline.tiny_world.train import DistillPass, _SampleTerms, smoke_config
-
-    cfg = smoke_config(tmp_path)
-    torch.manual_seed(0)
-    z = torch.randn(2, 4, 4, 8, 8)
-    data = {"mean": torch.zeros(4), "std": torch.ones(4)}
-    right = int(Action.RIGHT)
-    actions = torch.tensor([[0, right, right, right]] * 2)  # each frame's last column is new
-    decoder = torch.nn.Sequential(torch.nn.Upsample(scale_factor=8), torch.nn.Conv2d(4, 3, 3, padding=1))
-    spec = DistillPass("refine", 1, 4, 0, known_loss=1.0, texture_loss=1.0)
-    terms = _SampleTerms(spec, cfg, data, window=2, decoder=decoder)
-    real = z[:, 1:]
-    exact = terms(real.clone(), z, actions)
-    assert exact["known"].item() == 0.0 and exact["texture"].item() == 0.0
-    off_new = real.clone()
-    off_new[..., 7] += 1.0
-    assert terms(off_new, z, actions)["known"].item() == 0.0
-    off_known = real.clone()
-    off_known[..., 0] += 1.0
-    assert terms(off_known, z, actions)["known"].item() == pytest.approx(1 / 7)  # 1 column of 7 known
-    assert terms(real * 0.2, z, actions)["texture"].item() > 0.01
-    assert set(_SampleTerms(DistillPass("distill", 1, 8, 0), cfg, data, 2, None)(real, z, actions)) == set()
-    with pytest.raises(ConfigError, match="decoder"):
-        _SampleTerms(spec, cfg, data, window=2, decoder=None)
-
-
 def test_shipped_model_batch_matches_single_sessions() -> None:
     assert weights_available(WEIGHTS_DIR), f"the shipped weights are in git: {WEIGHTS_DIR}"
     from pipeline.registry import load_pipeline

@@ -147,13 +147,6 @@ class TrainConfig:
     """Euler steps of the ``refine`` teacher (8: 0.44 at 2 steps but 0.50 at 4)."""
     refine_lr: float = 1e-4
     """Peak learning rate of ``refine`` (3e-4 measured the same: 0.43 / 0.61)."""
-    refine_known_loss: float = 0.0
-    """Weight in ``refine`` of the MSE between the student's sample and the real latents on the
-    cells its context frames showed (:func:`context_known_cells`): there the next frame is
-    determined, so asking for the real latent does not ask for a blurred mean."""
-    refine_texture_loss: float = 0.0
-    """Weight in ``refine`` of the texture loss (:func:`_texture_loss`) between the decoded sample
-    and the decoded real latents (frozen copy of the decoder)."""
     gate_steps: int = 100
     """Copy-gate calibration steps after distillation (0: skip; models without the gate skip it).
     The gate alone is trained, on the flow-matching loss of teacher-forced walks: its sigmoid
@@ -617,46 +610,6 @@ def _context_sigma(b: int, t: int, gen: torch.Generator, context_noise: float) -
     return sigma * (torch.rand(b, t, generator=gen) < 0.9)
 
 
-@dataclass(frozen=True)
-class FlowMatchingBatch:
-    """Teacher-forcing inputs and target of the flow-matching loss for a latent walk ``z``."""
-
-    context: torch.Tensor
-    """Frames ``0..T-1``, noised to ``ctx_sigma``."""
-    ctx_sigma: torch.Tensor
-    """``[B, T]``."""
-    noisy: torch.Tensor
-    """Frames ``1..T-1`` noised to ``sigma``."""
-    sigma: torch.Tensor
-    """``[B, T-1]``."""
-    velocity: torch.Tensor
-    """The target: noise minus clean frame, frames ``1..T-1``."""
-
-
-def flow_matching_batch(
-    z: torch.Tensor, gen: torch.Generator, context_noise: float, fixed_sigma: float | None = None
-) -> FlowMatchingBatch:
-    """Noise levels (:func:`_sample_sigma`, :func:`_context_sigma`; or ``fixed_sigma`` and clean
-    context) and noise for the walk ``z [B, T, ...]``, drawn from the CPU generator ``gen``."""
-    b, t = z.shape[:2]
-    device = z.device
-    if fixed_sigma is None:
-        sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1)
-        ctx_sigma = _context_sigma(b, t, gen, context_noise)
-    else:
-        sigma = torch.full((b, t - 1), fixed_sigma)
-        ctx_sigma = torch.zeros(b, t)
-    eps = torch.randn(z.shape, generator=gen).to(device)
-    eps_ctx = torch.randn(z.shape, generator=gen).to(device)
-    sigma, ctx_sigma = sigma.to(device), ctx_sigma.to(device)
-    x0 = z[:, 1:]
-    s = sigma[..., None, None, None]
-    sc = ctx_sigma[..., None, None, None]
-    noisy = (1 - s) * x0 + s * eps[:, 1:]
-    context = (1 - sc) * z + sc * eps_ctx
-    return FlowMatchingBatch(context, ctx_sigma, noisy, sigma, eps[:, 1:] - x0)
-
-
 def dynamics_loss(
     forward: TrainForward,
     z: torch.Tensor,
@@ -673,10 +626,25 @@ def dynamics_loss(
     ``forward``: a model's ``forward_train`` (or its compiled version). It also gets each frame's
     previous clean frame, which a model with the copy gate blends in and any other ignores.
     """
-    fm = flow_matching_batch(z, gen, context_noise, fixed_sigma)
-    with _autocast(z.device, amp):
-        v = forward(fm.context, fm.ctx_sigma, fm.noisy, fm.sigma, actions, mask, slots, z[:, :-1])
-    return (v.float() - fm.velocity).pow(2).mean()
+    b, t = z.shape[:2]
+    device = z.device
+    if fixed_sigma is None:
+        sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1)
+        ctx_sigma = _context_sigma(b, t, gen, context_noise)
+    else:
+        sigma = torch.full((b, t - 1), fixed_sigma)
+        ctx_sigma = torch.zeros(b, t)
+    eps = torch.randn(z.shape, generator=gen).to(device)
+    eps_ctx = torch.randn(z.shape, generator=gen).to(device)
+    sigma, ctx_sigma = sigma.to(device), ctx_sigma.to(device)
+    x0 = z[:, 1:]
+    s = sigma[..., None, None, None]
+    sc = ctx_sigma[..., None, None, None]
+    noisy = (1 - s) * x0 + s * eps[:, 1:]
+    context = (1 - sc) * z + sc * eps_ctx
+    with _autocast(device, amp):
+        v = forward(context, ctx_sigma, noisy, sigma, actions, mask, slots, z[:, :-1])
+    return (v.float() - (eps[:, 1:] - x0)).pow(2).mean()
 
 
 def _compiled_train_forward(
@@ -829,47 +797,14 @@ class DistillPass:
     seed_offset: int
     """Added to each step's seed (past any step count), so the two stages draw different walks
     and noise."""
-    known_loss: float = 0.0
-    """Weight of the MSE to the real latents on known cells (:attr:`TrainConfig.refine_known_loss`)."""
-    texture_loss: float = 0.0
-    """Weight of the decoded texture loss (:attr:`TrainConfig.refine_texture_loss`)."""
 
 
 def distill_passes(cfg: TrainConfig) -> tuple[DistillPass, DistillPass]:
     """``distill`` then ``refine`` (see :attr:`TrainConfig.refine_steps`)."""
     return (
         DistillPass("distill", cfg.distill_steps, cfg.distill_teacher_steps, seed_offset=0),
-        DistillPass(
-            "refine",
-            cfg.refine_steps,
-            cfg.refine_teacher_steps,
-            seed_offset=1 << 24,
-            known_loss=cfg.refine_known_loss,
-            texture_loss=cfg.refine_texture_loss,
-        ),
+        DistillPass("refine", cfg.refine_steps, cfg.refine_teacher_steps, seed_offset=1 << 24),
     )
-
-
-def context_known_cells(actions: torch.Tensor, window: int, size: int) -> torch.Tensor:
-    """Latent cells of frames ``1..T-1`` that one of their context frames showed, ``[B, T-1, 1, S, S]``.
-
-    ``actions [B, T]``: ``actions[:, t]`` moved the camera from frame ``t - 1`` to frame ``t``
-    (column 0 is ignored). Frame ``t`` attends to frames ``t - window .. t - 1`` (from 0); its cell
-    ``(r, c)`` is their cell ``(r, c) + offset_t - offset_j``, where ``offset`` sums the moves.
-    """
-    cells_per_step = STEP_PX * size // VIEW_PX
-    moves = torch.from_numpy(ACTION_DELTAS).to(actions.device)[actions] * cells_per_step
-    moves[:, 0] = 0
-    offsets = moves.cumsum(1)  # [B, T, 2]
-    b, t = actions.shape
-    idx = torch.arange(size, device=actions.device)
-    known = torch.zeros(b, t - 1, size, size, dtype=torch.bool, device=actions.device)
-    for i in range(1, t):
-        for j in range(max(0, i - window), i):
-            pos = idx[None, None] + (offsets[:, i] - offsets[:, j])[:, :, None]  # [B, 2, S]
-            inside = (pos >= 0) & (pos < size)
-            known[:, i - 1] |= inside[:, 0, :, None] & inside[:, 1, None, :]
-    return known[:, :, None].float()
 
 
 def distill_dynamics(
@@ -878,15 +813,13 @@ def distill_dynamics(
     teacher: DynamicsTransformer,
     log: RunLog,
     spec: DistillPass,
-    decoder: torch.nn.Module | None = None,
 ) -> DynamicsTransformer:
     """Few-step distillation: the student's ``distill_student_steps``-step Euler sample must match
     the teacher's ``spec.teacher_steps``-step sample from the same noise and context.
 
     Flow matching with 2 Euler steps predicts close to the conditional mean where the future is
     uncertain (new terrain entering the view), which comes out flat; the many-step teacher samples
-    real texture. The student starts from the teacher's weights. ``decoder``: the autoencoder's,
-    needed when ``spec.texture_loss > 0`` (a frozen copy is used).
+    real texture. The student starts from the teacher's weights.
     """
     device = _device()
     student = copy.deepcopy(teacher).train().requires_grad_(True)
@@ -898,8 +831,7 @@ def distill_dynamics(
     if start < stage.steps:
         mask, slots = student.training_mask(cfg.dyn_frames, device)
         sigmas = (_euler_sigmas(spec.teacher_steps), _euler_sigmas(cfg.distill_student_steps))
-        terms = _SampleTerms(spec, cfg, data, student.config.window, decoder)
-        step = partial(_distill_step, cfg, spec, data, teacher, student, opt, mask, slots, sigmas, terms)
+        step = partial(_distill_step, cfg, spec, data, teacher, student, opt, mask, slots, sigmas)
         run_stage(stage, start, step, cfg, log)
     return student.eval().requires_grad_(False)
 
@@ -914,11 +846,9 @@ def _distill_step(
     mask: torch.Tensor,
     slots: torch.Tensor,
     sigmas: tuple[list[float], list[float]],
-    terms: _SampleTerms,
     step: int,
 ) -> Losses:
-    """``sigmas``: the teacher's and the student's Euler steps; ``terms``: the loss terms beside
-    matching the teacher."""
+    """``sigmas``: the teacher's and the student's Euler steps."""
     device = _device()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_033 + spec.seed_offset + step)
     idx = torch.randint(0, data["acts"].shape[0], (cfg.distill_batch,), generator=gen)
@@ -934,53 +864,9 @@ def _distill_step(
     with torch.no_grad():
         target = _euler(teacher, context, ctx_sigma, noise, a, mask, slots, sigmas[0], cfg.amp, previous)
     sample = _euler(student, context, ctx_sigma, noise, a, mask, slots, sigmas[1], cfg.amp, previous)
-    match = (sample - target).pow(2).mean()
-    extra = terms(sample, z, a)
-    loss = match + sum(terms.weights[k] * v for k, v in extra.items())
+    loss = (sample - target).pow(2).mean()
     _descend(opt, loss, clip=list(student.parameters()))
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()}}
-
-
-class _SampleTerms:
-    """The loss terms of a distillation pass on the student's sample beside matching the teacher:
-    ``known`` (MSE to the real latents on :func:`context_known_cells`) and ``texture`` (decoded
-    texture against the decoded real latents), each where its weight is > 0."""
-
-    def __init__(
-        self,
-        spec: DistillPass,
-        cfg: TrainConfig,
-        data: dict[str, torch.Tensor],
-        window: int,
-        decoder: torch.nn.Module | None,
-    ) -> None:
-        self.weights = {"known": spec.known_loss, "texture": spec.texture_loss}
-        self.window, self.amp = window, cfg.amp
-        self.decoder: torch.nn.Module | None = None
-        if spec.texture_loss > 0:
-            if decoder is None:
-                raise ConfigError(f"{spec.name}: texture_loss > 0 needs the decoder")
-            self.decoder = copy.deepcopy(decoder).eval().requires_grad_(False)
-            self.mean = data["mean"][:, None, None].to(_device())
-            self.std = data["std"][:, None, None].to(_device())
-
-    def __call__(
-        self, sample: torch.Tensor, z: torch.Tensor, actions: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """``sample``: the student's frames ``1..T-1``; ``z``, ``actions``: the real walk."""
-        out = {}
-        real = z[:, 1:]
-        if self.weights["known"] > 0:
-            known = context_known_cells(actions, self.window, z.shape[-1])
-            err = (sample - real).pow(2) * known
-            out["known"] = err.sum() / (known.sum() * z.shape[2]).clamp_min(1.0)
-        if self.decoder is not None:
-            with _autocast(sample.device, self.amp):
-                y = self.decoder(sample.flatten(0, 1) * self.std + self.mean).float()
-                with torch.no_grad():
-                    x = self.decoder(real.flatten(0, 1) * self.std + self.mean).float()
-            out["texture"] = _texture_loss(y, x)
-        return out
+    return {"loss": loss.detach()}
 
 
 def calibrate_gate(
@@ -1014,13 +900,20 @@ def _gate_step(
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_037 + step)
     idx = torch.randint(0, data["acts"].shape[0], (cfg.dyn_batch,), generator=gen)
     z, a = (x.to(device) for x in _dyn_batch(data, idx, cfg.dyn_frames, gen))
-    fm = flow_matching_batch(z, gen, cfg.context_noise)
+    b, t = z.shape[:2]
+    sigma = _sample_sigma(b * (t - 1), gen).view(b, t - 1).to(device)
+    ctx_sigma = _context_sigma(b, t, gen, cfg.context_noise).to(device)
+    eps = torch.randn(z[:, 1:].shape, generator=gen).to(device)
+    eps_ctx = torch.randn(z.shape, generator=gen).to(device)
+    s, sc = sigma[..., None, None, None], ctx_sigma[..., None, None, None]
+    noisy = (1 - s) * z[:, 1:] + s * eps
+    context = (1 - sc) * z + sc * eps_ctx
     with torch.no_grad(), _autocast(device, cfg.amp):
-        v_net = model.forward_train(fm.context, fm.ctx_sigma, fm.noisy, fm.sigma, a, mask, slots).float()
-        cond = model.condition(fm.sigma, a[:, 1:]).float()
+        v_net = model.forward_train(context, ctx_sigma, noisy, sigma, a, mask, slots).float()
+        cond = model.condition(sigma, a[:, 1:]).float()
     patch = model.patchify
-    v = model.apply_copy_gate(patch(v_net), patch(fm.noisy), fm.sigma, cond, patch(z[:, :-1]))
-    loss = (model.unpatchify(v) - fm.velocity).pow(2).mean()
+    v = model.apply_copy_gate(patch(v_net), patch(noisy), sigma, cond, patch(z[:, :-1]))
+    loss = (model.unpatchify(v) - (eps - z[:, 1:])).pow(2).mean()
     _descend(opt, loss)
     return {"loss": loss.detach()}
 
@@ -1232,7 +1125,7 @@ def train(cfg: TrainConfig) -> WeightsMeta:
     dyn = train_dynamics(cfg, data, log)
     for spec in distill_passes(cfg):
         if spec.steps > 0:
-            dyn = distill_dynamics(cfg, data, dyn, log, spec, ae.decoder)
+            dyn = distill_dynamics(cfg, data, dyn, log, spec)
     if cfg.gate_steps > 0 and cfg.dynamics.copy_gate:
         dyn = calibrate_gate(cfg, data, dyn, log)
     if cfg.decoder_finetune_steps > 0:
