@@ -86,6 +86,14 @@ def laplacian_variance(frames: np.ndarray) -> float:
     return float(lap.var(axis=(1, 2)).mean())
 
 
+def sharpness_ratio(gen: np.ndarray, real: np.ndarray) -> float:
+    """Laplacian variance of generated rollouts ``[N, T + 1, H, W, 3]`` after the (real) start
+    frame over that of the real rollouts for the same actions."""
+    return laplacian_variance(gen[:, 1:].reshape(-1, *gen.shape[2:])) / laplacian_variance(
+        real[:, 1:].reshape(-1, *real.shape[2:])
+    )
+
+
 def biome_histograms(frames: np.ndarray) -> np.ndarray:
     """Per-frame biome shares ``[T, NUM_BIOMES]``."""
     ids = classify_biomes(frames)
@@ -345,9 +353,7 @@ def evaluate(
                 int(v) for v in ACTION_DELTAS[int(act)] * STEP_PX
             )
             by_action.setdefault(Action(int(act)).name.lower(), []).append(ok)
-    sharp = laplacian_variance(gen[:, 1:].reshape(-1, *gen.shape[2:])) / laplacian_variance(
-        real[:, 1:].reshape(-1, *real.shape[2:])
-    )
+    sharp = sharpness_ratio(gen, real)
     if strip_path is not None:
         rows = [np.concatenate(list(x[: 4 * 8 : 4]), axis=1) for x in (real[0], gen[0], real[1], gen[1])]
         strip = np.concatenate(rows, axis=0)
