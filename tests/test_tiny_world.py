@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,12 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-FRAME_MODES = {"whole": {"copy_gate": False}, "copy-gate": {"copy_gate": True}}
-"""Both ways the dynamics model makes a frame (``DynamicsConfig.copy_gate``)."""
+FRAME_MODES = {
+    "whole": {"copy_gate": False},
+    "copy-gate": {"copy_gate": True},
+    "moved-copy": {"copy_gate": True, "copy_shift": True},
+}
+"""The ways the dynamics model makes a frame (``DynamicsConfig.copy_gate`` and ``copy_shift``)."""
 
 
 def _tiny(mode: str) -> TinyWorldPipeline:
@@ -268,10 +273,43 @@ def test_copy_gate_open_repeats_the_previous_frame() -> None:
     assert (frames[-30.0][1:] - frames[-30.0][0]).abs().max() > 0.05
 
 
-def test_copy_gate_matches_its_definition() -> None:
-    """The gated velocity points to ``g * previous + (1 - g) * x0_net`` (training and inference)."""
+def _moved(z: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for ``copy_source``: each frame of ``z [B, F, C, S, S]`` rolled against its
+    action's camera step (one latent cell), and the mask of the cells that did not wrap."""
+    moved, known = torch.empty_like(z), torch.zeros_like(z)
+    s = z.shape[-1]
+    for i, j in itertools.product(range(z.shape[0]), range(z.shape[1])):
+        dy, dx = (int(d) for d in ACTION_DELTAS[int(actions[i, j])])
+        moved[i, j] = torch.roll(z[i, j], shifts=(-dy, -dx), dims=(-2, -1))
+        rows = slice(max(0, -dy), s - max(0, dy))
+        cols = slice(max(0, -dx), s - max(0, dx))
+        known[i, j, :, rows, cols] = 1.0
+    return moved * known, known
+
+
+def test_copy_source_moves_the_previous_frame_by_the_action() -> None:
+    """``copy_shift``: frames reached by a move copy the previous one panned by one latent cell
+    (camera right: the content moves left), never the cells the move revealed."""
+    net = DynamicsTransformer(replace(TINY_DYN, copy_gate=True, copy_shift=True))
+    z = torch.randn(3, 9, 4, 8, 8)
+    actions = torch.arange(27).reshape(3, 9) % 9
+    moved, known = (net.unpatchify(x) for x in net.copy_source(net.patchify(z), actions))
+    ref_moved, ref_known = _moved(z, actions)
+    torch.testing.assert_close(known, ref_known, atol=0, rtol=0)
+    torch.testing.assert_close(moved * known, ref_moved, atol=0, rtol=0)
+    right = actions == int(Action.RIGHT)
+    torch.testing.assert_close(moved[right][..., :7], z[right][..., 1:], atol=0, rtol=0)
+    assert known[actions == int(Action.NONE)].min() == 1.0
+    assert known[actions == int(Action.DOWN_LEFT)].mean() == 49 / 64  # a row and a column revealed
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_copy_gate_matches_its_definition(shift: bool) -> None:
+    """The gated velocity points to ``g * source + (1 - g) * x0_net`` (training and inference),
+    where ``source`` is the previous frame, moved by the action under ``copy_shift`` with ``g`` 0
+    on the cells the move revealed."""
     torch.manual_seed(3)
-    arch = replace(TINY_DYN, copy_gate=True)
+    arch = replace(TINY_DYN, copy_gate=True, copy_shift=shift)
     net = DynamicsTransformer(arch).eval()
     _randomise(net, seed=3)
     b, t = 2, 4
@@ -285,8 +323,10 @@ def test_copy_gate_matches_its_definition() -> None:
         gated = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots, z[:, :-1])
         cond = net.condition(torch.cat([sigma_ctx, sigma], 1), torch.cat([actions, actions[:, 1:]], 1))
         g = torch.sigmoid(net.gate(cond[:b, t:]))[..., None, None]
+    source, known = _moved(z[:, :-1], actions[:, 1:]) if shift else (z[:, :-1], torch.ones_like(z[:, 1:]))
+    g = g * known
     s = sigma[..., None, None, None]
-    x0 = g * z[:, :-1] + (1 - g) * (noisy - s * plain)
+    x0 = g * source + (1 - g) * (noisy - s * plain)
     torch.testing.assert_close(gated, (noisy - x0) / s, atol=1e-4, rtol=1e-4)
 
 

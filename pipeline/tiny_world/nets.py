@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.kv_cache import SlidingWindowKVCache
+from pipeline.tiny_world.env import ACTION_DELTAS, STEP_PX, VIEW_PX
 
 # ---------------------------------------------------------------------------- batch invariance
 
@@ -180,6 +181,15 @@ class DynamicsConfig:
     keys with a small error every step that an idle rollout accumulates into drift; where it moves
     ``g -> 0`` and frames are generated whole, so errors do not integrate. ``False``: weights
     trained before issue #16."""
+    copy_shift: bool = False
+    """With :attr:`copy_gate`: the previous frame is first moved by the action's camera step
+    (``ACTION_DELTAS``; one step is ``STEP_PX`` pixels, a whole number of latent cells), and the
+    cells the move reveals are never copied (their ``g`` is 0). The autoencoder is close to
+    shift-equivariant (a move changes the latents of the cells that stay in view by 0.1 % of their
+    variance, 7 % next to the frame's edges), so the data teach ``g -> 1`` for every action, and
+    each cell is generated once, when it enters the view, then carried: a moving view is no longer
+    re-drawn (and softened) every frame. ``False``: weights trained before it (run v6 and
+    earlier)."""
 
     def __post_init__(self) -> None:
         if self.latent_size % self.patch:
@@ -188,6 +198,14 @@ class DynamicsConfig:
             raise ConfigError(f"d_model {self.d_model} must split into {self.heads} heads of even size")
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
+        if self.copy_shift and not self.copy_gate:
+            raise ConfigError("copy_shift needs copy_gate")
+        whole_cells = STEP_PX * self.latent_size % VIEW_PX == 0
+        if self.copy_shift and (self.num_actions != len(ACTION_DELTAS) or not whole_cells):
+            raise ConfigError(
+                f"copy_shift needs the environment's {len(ACTION_DELTAS)} actions and a camera step of "
+                f"whole latent cells (latent_size {self.latent_size})"
+            )
 
     @property
     def tokens_per_frame(self) -> int:
@@ -284,6 +302,20 @@ class DynamicsBlock(nn.Module):
         return x, (k, v)
 
 
+def copy_tables(config: DynamicsConfig) -> tuple[Tensor, Tensor]:
+    """Per action, ``[A, S*S]``: the flat latent cell of the previous frame each cell is copied
+    from (:attr:`DynamicsConfig.copy_shift`; 0 where none is), and 1.0 where there is one."""
+    s = config.latent_size
+    cells = STEP_PX * s // VIEW_PX
+    deltas = torch.as_tensor(ACTION_DELTAS * cells)
+    idx = torch.arange(s)
+    rows = idx[None, :, None] + deltas[:, 0, None, None]  # [A, S, 1]: source row of each row
+    cols = idx[None, None, :] + deltas[:, 1, None, None]  # [A, 1, S]
+    known = ((rows >= 0) & (rows < s)) & ((cols >= 0) & (cols < s))
+    source = torch.where(known, rows.clamp(0, s - 1) * s + cols.clamp(0, s - 1), 0)
+    return source.reshape(-1, s * s), known.reshape(-1, s * s).float()
+
+
 class DynamicsTransformer(nn.Module):
     """Action- and noise-conditioned velocity predictor over a sliding window of latent frames."""
 
@@ -308,6 +340,11 @@ class DynamicsTransformer(nn.Module):
             self.gate = nn.Linear(d, 1)
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, -2.0)  # g = 0.12: starts close to whole frames
+        source, known = copy_tables(config)
+        self.copy_src: Tensor
+        self.copy_known: Tensor
+        self.register_buffer("copy_src", source, persistent=False)
+        self.register_buffer("copy_known", known, persistent=False)
 
     # ---- shapes ---------------------------------------------------------------------------
     def patchify(self, z: Tensor) -> Tensor:
@@ -366,19 +403,42 @@ class DynamicsTransformer(nn.Module):
         """The copy gate ``g [B', F, 1]`` (fp32) for per-frame conditions ``cond [B', F, d]``."""
         return torch.sigmoid(self.gate(cond).float())
 
+    def copy_source(self, previous: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """What the copy gate copies into frames reached by ``actions [B, F]`` from ``previous``
+        clean frames' tokens ``[B, F, P, D]``: those frames moved by the actions' camera steps
+        (:attr:`DynamicsConfig.copy_shift`), and the tokens' mask of the cells that stayed in
+        view (0 where the move revealed them). Without ``copy_shift``: ``previous`` and 1."""
+        if not self.config.copy_shift:
+            return previous, previous.new_ones(())
+        z = self.unpatchify(previous)
+        b, f, c, s, _ = z.shape
+        src = self.copy_src[actions][:, :, None].expand(b, f, c, s * s)
+        moved = z.reshape(b, f, c, s * s).gather(3, src).reshape(b, f, c, s, s)
+        known = self.copy_known[actions][:, :, None].expand(b, f, c, s * s).reshape(b, f, c, s, s)
+        return self.patchify(moved), self.patchify(known)
+
     def apply_copy_gate(
-        self, v: Tensor, noisy: Tensor, sigma: Tensor, cond: Tensor, previous: Tensor | None
+        self,
+        v: Tensor,
+        noisy: Tensor,
+        sigma: Tensor,
+        cond: Tensor,
+        previous: Tensor | None,
+        actions: Tensor,
     ) -> Tensor:
         """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy gate.
 
         With :attr:`DynamicsConfig.copy_gate` and the ``previous`` clean frames' tokens, the clean
-        frame the velocity points to is ``g * previous + (1 - g) * (noisy - sigma * v)``, i.e.
-        ``v + g * ((noisy - previous) / sigma - v)``; ``cond [B', F, d]`` gives ``g``. Otherwise
-        (or without ``previous``: a forward only run for its keys and values) ``v`` itself.
+        frame the velocity points to is ``g * source + (1 - g) * (noisy - sigma * v)``, i.e.
+        ``v + g * ((noisy - source) / sigma - v)``, where ``source`` is :meth:`copy_source` of
+        ``previous`` for the moves ``actions [B, F]`` (and ``g`` 0 on the cells they revealed);
+        ``cond [B', F, d]`` gives ``g``. Otherwise (or without ``previous``: a forward only run
+        for its keys and values) ``v`` itself.
         """
         if not self.config.copy_gate or previous is None:
             return v
-        g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1)
+        previous, known = self.copy_source(previous, actions)
+        g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1) * known
         s = sigma.float().clamp_min(GATE_SIGMA_FLOOR)[..., None, None]
         return v + g * ((noisy - previous) / s - v)
 
@@ -440,7 +500,7 @@ class DynamicsTransformer(nn.Module):
         noisy = self.patchify(z_noisy)
         out, _ = self._run(noisy, cond, self._rope(slots[t:]), context, mask[n:])
         prev = None if previous is None else self.patchify(previous)
-        return self.unpatchify(self.apply_copy_gate(out, noisy, sigma_noisy, cond, prev))
+        return self.unpatchify(self.apply_copy_gate(out, noisy, sigma_noisy, cond, prev, actions[:, 1:]))
 
     def forward_train(
         self,
@@ -472,7 +532,8 @@ class DynamicsTransformer(nn.Module):
         )
         out, _ = self._run(tokens, cond, self._rope(slots), None, mask)
         prev = None if previous is None else self.patchify(previous)
-        return self.unpatchify(self.apply_copy_gate(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev))
+        gated = self.apply_copy_gate(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev, actions[:, 1:])
+        return self.unpatchify(gated)
 
     # ---- inference with a sliding-window KV cache -----------------------------------------
     def new_cache(
@@ -535,4 +596,5 @@ class DynamicsTransformer(nn.Module):
         slot = torch.full((1,), num_context_frames, device=tokens.device)
         out, kvs = self._run(tokens[:, None], cond, self._rope(slot), context, None)
         prev = None if previous is None else previous[:, None]
-        return self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev)[:, 0], kvs
+        gated = self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev, action[:, None])
+        return gated[:, 0], kvs
