@@ -48,7 +48,7 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
 FRAME_MODES = {
     "whole": {"copy_gate": False},
     "copy-gate": {"copy_gate": True},
-    "moved-copy": {"copy_gate": True, "copy_shift": True},
+    "moved-copy": {"copy_shift": True},
 }
 """The ways the dynamics model makes a frame (``DynamicsConfig.copy_gate`` and ``copy_shift``)."""
 
@@ -290,7 +290,7 @@ def _moved(z: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.
 def test_copy_source_moves_the_previous_frame_by_the_action() -> None:
     """``copy_shift``: frames reached by a move copy the previous one panned by one latent cell
     (camera right: the content moves left), never the cells the move revealed."""
-    net = DynamicsTransformer(replace(TINY_DYN, copy_gate=True, copy_shift=True))
+    net = DynamicsTransformer(replace(TINY_DYN, copy_shift=True))
     z = torch.randn(3, 9, 4, 8, 8)
     actions = torch.arange(27).reshape(3, 9) % 9
     moved, known = (net.unpatchify(x) for x in net.copy_source(net.patchify(z), actions))
@@ -303,14 +303,14 @@ def test_copy_source_moves_the_previous_frame_by_the_action() -> None:
     assert known[actions == int(Action.DOWN_LEFT)].mean() == 49 / 64  # a row and a column revealed
 
 
-@pytest.mark.parametrize("shift", [False, True])
-def test_copy_gate_matches_its_definition(shift: bool) -> None:
-    """The gated velocity points to ``g * source + (1 - g) * x0_net`` (training and inference),
-    where ``source`` is the previous frame, moved by the action under ``copy_shift`` with ``g`` 0
-    on the cells the move revealed."""
+@pytest.mark.parametrize("mode", ["copy-gate", "moved-copy"])
+def test_copy_matches_its_definition(mode: str) -> None:
+    """The velocity points to ``g * source + (1 - g) * x0_net`` (training and inference).
+    ``copy_gate``: ``source`` is the previous frame and ``g`` the learned gate. ``copy_shift``:
+    ``source`` is the previous frame moved by the action, and ``g`` is 1 on the cells that stayed
+    in view, 0 on those the move revealed."""
     torch.manual_seed(3)
-    arch = replace(TINY_DYN, copy_gate=True, copy_shift=shift)
-    net = DynamicsTransformer(arch).eval()
+    net = DynamicsTransformer(replace(TINY_DYN, **FRAME_MODES[mode])).eval()
     _randomise(net, seed=3)
     b, t = 2, 4
     z = torch.randn(b, t, 4, 8, 8)
@@ -322,9 +322,11 @@ def test_copy_gate_matches_its_definition(shift: bool) -> None:
         plain = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots)
         gated = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots, z[:, :-1])
         cond = net.condition(torch.cat([sigma_ctx, sigma], 1), torch.cat([actions, actions[:, 1:]], 1))
-        g = torch.sigmoid(net.gate(cond[:b, t:]))[..., None, None]
-    source, known = _moved(z[:, :-1], actions[:, 1:]) if shift else (z[:, :-1], torch.ones_like(z[:, 1:]))
-    g = g * known
+    if mode == "moved-copy":
+        source, g = _moved(z[:, :-1], actions[:, 1:])
+        assert 0 < g.mean() < 1
+    else:
+        source, g = z[:, :-1], torch.sigmoid(net.gate(cond[:b, t:]))[..., None, None]
     s = sigma[..., None, None, None]
     x0 = g * source + (1 - g) * (noisy - s * plain)
     torch.testing.assert_close(gated, (noisy - x0) / s, atol=1e-4, rtol=1e-4)
@@ -454,15 +456,18 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
         assert (got - want).norm() <= 0.05 * want.norm() + 1e-6
 
 
+@pytest.mark.parametrize("mode", ["copy-gate", "moved-copy"])
 def test_refine_distills_the_distilled_model_at_4_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """``distill`` teaches the 2-step student the base model's 8-step samples; ``refine`` then
     teaches a fresh 2-step student the *distilled* model's 4-step samples; the refined student
-    is what the gate calibration (and everything after) gets."""
+    is what the gate calibration (a ``copy_gate`` model's only) and everything after get."""
     from pipeline.tiny_world import train as train_module
 
-    cfg = train_module.smoke_config(tmp_path)
+    smoke = train_module.smoke_config(tmp_path)
+    copy = {"copy_gate": False, "copy_shift": False, **FRAME_MODES[mode]}
+    cfg = replace(smoke, dynamics=replace(smoke.dynamics, **copy))
     stages: list[tuple[str, DynamicsTransformer, DynamicsTransformer]] = []
     frozen_sampler_steps: list[tuple[int, int]] = []  # (stages done, Euler steps) of eval-mode samples
     calibrated: list[DynamicsTransformer] = []
@@ -493,7 +498,7 @@ def test_refine_distills_the_distilled_model_at_4_steps(
     (first, base, distilled), (second, teacher, refined) = stages
     assert (first, second) == ("distill", "refine")
     assert teacher is distilled and distilled is not base and refined is not distilled
-    assert calibrated == [refined]
+    assert calibrated == ([refined] if mode == "copy-gate" else [])
     teachers = {(done, steps) for done, steps in frozen_sampler_steps if done < 2}
     assert teachers == {(0, 8), (1, 4)}
 

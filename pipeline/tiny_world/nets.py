@@ -182,14 +182,16 @@ class DynamicsConfig:
     ``g -> 0`` and frames are generated whole, so errors do not integrate. ``False``: weights
     trained before issue #16."""
     copy_shift: bool = False
-    """With :attr:`copy_gate`: the previous frame is first moved by the action's camera step
-    (``ACTION_DELTAS``; one step is ``STEP_PX`` pixels, a whole number of latent cells), and the
-    cells the move reveals are never copied (their ``g`` is 0). The autoencoder is close to
-    shift-equivariant (a move changes the latents of the cells that stay in view by 0.1 % of their
-    variance, 7 % next to the frame's edges), so the data teach ``g -> 1`` for every action, and
-    each cell is generated once, when it enters the view, then carried: a moving view is no longer
-    re-drawn (and softened) every frame. ``False``: weights trained before it (run v6 and
-    earlier)."""
+    """Instead of :attr:`copy_gate`: copy the previous frame moved by the action's camera step
+    (``ACTION_DELTAS``; one step is ``STEP_PX`` pixels, a whole number of latent cells) into every
+    cell that stayed in view, and generate only the cells the move revealed: ``x0 = previous
+    moved`` there, ``x0_net`` elsewhere. The autoencoder is close to shift-equivariant (a move
+    changes the latents of the cells that stay in view by 0.1 % of their variance, ~7 % next to
+    the frame's edges), so each cell is generated once, when it enters the view, and then carried:
+    a view neither drifts while held nor softens while it moves. A learned per-frame gate on the
+    moved copy (run v7's first attempt) settled at g = 0.86-0.96 for moves and re-drew 4-14 % of
+    every frame: softer (2 steps 0.41 of real sharpness) than the plain copy (0.45 with the same
+    networks). ``False`` for weights trained before it (run v6 and earlier)."""
 
     def __post_init__(self) -> None:
         if self.latent_size % self.patch:
@@ -198,8 +200,8 @@ class DynamicsConfig:
             raise ConfigError(f"d_model {self.d_model} must split into {self.heads} heads of even size")
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
-        if self.copy_shift and not self.copy_gate:
-            raise ConfigError("copy_shift needs copy_gate")
+        if self.copy_shift and self.copy_gate:
+            raise ConfigError("copy_shift replaces copy_gate: set one of them")
         whole_cells = STEP_PX * self.latent_size % VIEW_PX == 0
         if self.copy_shift and (self.num_actions != len(ACTION_DELTAS) or not whole_cells):
             raise ConfigError(
@@ -404,12 +406,9 @@ class DynamicsTransformer(nn.Module):
         return torch.sigmoid(self.gate(cond).float())
 
     def copy_source(self, previous: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """What the copy gate copies into frames reached by ``actions [B, F]`` from ``previous``
-        clean frames' tokens ``[B, F, P, D]``: those frames moved by the actions' camera steps
-        (:attr:`DynamicsConfig.copy_shift`), and the tokens' mask of the cells that stayed in
-        view (0 where the move revealed them). Without ``copy_shift``: ``previous`` and 1."""
-        if not self.config.copy_shift:
-            return previous, previous.new_ones(())
+        """:attr:`DynamicsConfig.copy_shift`: ``previous`` clean frames' tokens ``[B, F, P, D]``
+        moved by the camera steps of ``actions [B, F]``, and the tokens' mask of the cells that
+        stayed in view (0 where the move revealed them)."""
         z = self.unpatchify(previous)
         b, f, c, s, _ = z.shape
         src = self.copy_src[actions][:, :, None].expand(b, f, c, s * s)
@@ -426,19 +425,23 @@ class DynamicsTransformer(nn.Module):
         previous: Tensor | None,
         actions: Tensor,
     ) -> Tensor:
-        """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy gate.
+        """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy.
 
-        With :attr:`DynamicsConfig.copy_gate` and the ``previous`` clean frames' tokens, the clean
-        frame the velocity points to is ``g * source + (1 - g) * (noisy - sigma * v)``, i.e.
-        ``v + g * ((noisy - source) / sigma - v)``, where ``source`` is :meth:`copy_source` of
-        ``previous`` for the moves ``actions [B, F]`` (and ``g`` 0 on the cells they revealed);
-        ``cond [B', F, d]`` gives ``g``. Otherwise (or without ``previous``: a forward only run
-        for its keys and values) ``v`` itself.
+        Given the ``previous`` clean frames' tokens, the clean frame the velocity points to is
+        ``g * source + (1 - g) * (noisy - sigma * v)``, i.e. ``v + g * ((noisy - source) / sigma -
+        v)``. :attr:`DynamicsConfig.copy_gate`: ``source`` is ``previous`` and ``g`` the gate of
+        ``cond [B', F, d]``. :attr:`DynamicsConfig.copy_shift`: ``source`` is ``previous`` moved by
+        ``actions [B, F]`` (:meth:`copy_source`) and ``g`` 1 where a cell stayed in view, else 0.
+        Otherwise (or without ``previous``: a forward only run for its keys and values) ``v``.
         """
-        if not self.config.copy_gate or previous is None:
+        if previous is None:
             return v
-        previous, known = self.copy_source(previous, actions)
-        g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1) * known
+        if self.config.copy_shift:
+            previous, g = self.copy_source(previous, actions)
+        elif self.config.copy_gate:
+            g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1)
+        else:
+            return v
         s = sigma.float().clamp_min(GATE_SIGMA_FLOOR)[..., None, None]
         return v + g * ((noisy - previous) / s - v)
 

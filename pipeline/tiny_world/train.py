@@ -84,8 +84,8 @@ class TrainConfig:
     """Training worlds (seeds ``0..num_worlds-1``)."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     """Autoencoder architecture."""
-    dynamics: DynamicsConfig = field(default_factory=lambda: DynamicsConfig(copy_gate=True, copy_shift=True))
-    """Dynamics transformer architecture (with the copy gate, moved by each action: issue #16)."""
+    dynamics: DynamicsConfig = field(default_factory=lambda: DynamicsConfig(copy_shift=True))
+    """Dynamics transformer architecture (copying the view moved by each action: issue #16)."""
     ae_steps: int = 2400
     """Autoencoder optimiser steps (3000 before run v6, which needed the time for ``refine``; v5's
     validation PSNR was 27.40 dB at step 2500 and 27.52 at 3000)."""
@@ -203,9 +203,7 @@ def smoke_config(out: Path) -> TrainConfig:
         export_dir=None,
         num_worlds=4,
         autoencoder=AutoencoderConfig(latent_channels=4, widths=(8, 8, 16)),
-        dynamics=DynamicsConfig(
-            latent_channels=4, d_model=32, layers=1, heads=2, window=2, copy_gate=True, copy_shift=True
-        ),
+        dynamics=DynamicsConfig(latent_channels=4, d_model=32, layers=1, heads=2, window=2, copy_shift=True),
         ae_steps=6,
         ae_batch=8,
         num_trajectories=16,
