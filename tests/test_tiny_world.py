@@ -332,6 +332,26 @@ def test_copy_matches_its_definition(mode: str) -> None:
     torch.testing.assert_close(gated, (noisy - x0) / s, atol=1e-4, rtol=1e-4)
 
 
+def test_moved_copy_model_carries_the_view_it_moves() -> None:
+    """Through the pipeline (generate, finalize): every step's clean latent is the previous one
+    moved by the camera step on the cells that stayed in view; only the revealed cells are new."""
+    pipe = _tiny("moved-copy")
+    io = pipe.io
+    cache = io.initialize_session(pipe, io.validate_options({"world_seed": 3}), 0)
+    tc = cache.transformer_cache
+    net = pipe.diffusion_model.transformer.net
+    moves = ["right", "right", "up_left", "none", "down"]
+    for i, move in enumerate(moves):
+        before = net.unpatchify(tc.last)
+        pipe.generate(i, cache, io.action_to_input(io.validate_action({"move": move}), i))
+        pipe.finalize(i, cache)
+        after = net.unpatchify(tc.last)
+        moved, known = _moved(before[:, None], torch.tensor([[int(Action[move.upper()])]]))
+        torch.testing.assert_close(after * known[:, 0], moved[:, 0], atol=1e-5, rtol=0)
+        if move != "none":
+            assert (after - before).abs().amax() > 0.1  # the view did move
+
+
 def test_copy_gate_finalize_needs_its_generate() -> None:
     from pipeline.errors import FinalizeError
 

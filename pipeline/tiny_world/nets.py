@@ -210,6 +210,12 @@ class DynamicsConfig:
             )
 
     @property
+    def copies_previous(self) -> bool:
+        """Whether a frame is made from the previous clean frame too (:attr:`copy_gate` or
+        :attr:`copy_shift`), which a session's cache must then keep."""
+        return self.copy_gate or self.copy_shift
+
+    @property
     def tokens_per_frame(self) -> int:
         return (self.latent_size // self.patch) ** 2
 

@@ -1165,6 +1165,14 @@ def train(cfg: TrainConfig) -> WeightsMeta:
     return meta
 
 
+COPY_MODES: dict[str, dict[str, bool]] = {
+    "none": {"copy_gate": False, "copy_shift": False},
+    "gate": {"copy_gate": True, "copy_shift": False},
+    "moved": {"copy_gate": False, "copy_shift": True},
+}
+"""``--copy`` choices: the :class:`DynamicsConfig` fields each sets."""
+
+
 def _parse(argv: list[str] | None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/tiny_world"), help="run directory")
@@ -1182,10 +1190,12 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--num-trajectories", type=int, default=None)
     p.add_argument("--window", type=int, default=None, help="dynamics context window K")
     p.add_argument(
-        "--copy-gate",
-        action=argparse.BooleanOptionalAction,
+        "--copy",
+        choices=sorted(COPY_MODES),
         default=None,
-        help="blend each frame with the previous one by a learned gate (DynamicsConfig.copy_gate)",
+        help="how a frame reuses the previous one: 'moved' copies the view moved by the action "
+        "(DynamicsConfig.copy_shift, the default), 'gate' blends in the unmoved view by a learned "
+        "gate (copy_gate, run v6), 'none' generates whole frames",
     )
     p.add_argument("--decoder-texture-loss", type=float, default=None, help="texture loss weight")
     p.add_argument("--distill-steps", type=int, default=None, help="few-step distillation steps")
@@ -1212,8 +1222,9 @@ def _parse(argv: list[str] | None) -> TrainConfig:
     ):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    arch_names = ("window", "copy_gate")
-    arch = {name: getattr(args, name) for name in arch_names if getattr(args, name) is not None}
+    arch: dict[str, Any] = {} if args.window is None else {"window": args.window}
+    if args.copy is not None:
+        arch.update(COPY_MODES[args.copy])
     if arch:
         changes["dynamics"] = replace(cfg.dynamics, **arch)
     if args.no_amp:

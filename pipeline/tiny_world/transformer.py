@@ -126,7 +126,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         cache = TinyWorldCache(
             generator=torch.Generator(device=device).manual_seed(seed),
             kv=self.net.new_cache(1, device, dtype),
-            last=first_tokens if arch.copy_gate else None,
+            last=first_tokens if arch.copies_previous else None,
         )
         # The window is filled with copies of the first frame, as if the camera had stood still.
         k = arch.window
@@ -171,14 +171,14 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         self, noisy_latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any
     ) -> Tensor:
         previous = None
-        if self.config.arch.copy_gate:
+        if self.config.arch.copies_previous:
             previous = _required(cache.last, "last")
         velocity, _ = self._frame(noisy_latent, timestep, self._actions(input, noisy_latent), cache, previous)
         return velocity.to(noisy_latent.dtype)
 
     def postprocess_clean_latent(self, clean_latent: Tensor, cache: TinyWorldCache, input: Any) -> Tensor:
         """Copy-gate models: each rollout holds its clean frame as ``pending``."""
-        if self.config.arch.copy_gate:
+        if self.config.arch.copies_previous:
             for i, rollout in enumerate(_rollouts(cache)):
                 rollout.pending = clean_latent[i : i + 1]
         return clean_latent
@@ -187,7 +187,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         _, kvs = self._frame(latent, timestep, self._actions(input, latent), cache, None)
         cache.kv.append_frame(kvs)
         cache.rotated = None
-        if self.config.arch.copy_gate:
+        if self.config.arch.copies_previous:
             rollouts = _rollouts(cache)
             frames = [r.pending for r in rollouts if r.pending is not None]
             if len(frames) != len(rollouts):
@@ -205,7 +205,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
     # ---- batch protocol ------------------------------------------------------------------
     def stack_caches(self, caches: list[TinyWorldCache]) -> TinyWorldCache:
         stacked = TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
-        if self.config.arch.copy_gate:
+        if self.config.arch.copies_previous:
             stacked.last = torch.cat([_required(c.last, "last") for c in caches])
             stacked.members = list(caches)
         return stacked
