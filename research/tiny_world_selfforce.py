@@ -93,7 +93,7 @@ def log(**kw):
 
 T0 = time.time()
 ae, dyn, meta = load_weights(WEIGHTS_DIR)
-if dyn.config.copies_previous:
+if dyn.config.copy_gate:
     raise SystemExit("this experiment samples without the copy gate: run it on the v4 weights (634ea96)")
 mean = torch.tensor(meta.latent_mean)[:, None, None]
 std = torch.tensor(meta.latent_std)[:, None, None]

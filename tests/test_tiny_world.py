@@ -45,18 +45,15 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-FRAME_MODES = {
-    "whole": {"copy_gate": False},
-    "copy-gate": {"copy_gate": True},
-    "moved-copy": {"copy_shift": True},
-}
-"""The ways the dynamics model makes a frame (``DynamicsConfig.copy_gate`` and ``copy_shift``)."""
+FRAME_MODES = {"whole": (False, False), "copy-gate": (True, False), "moved-copy": (True, True)}
+"""The ways a frame is made: ``(DynamicsConfig.copy_gate, TinyWorldTransformerConfig.moved_copy)``."""
 
 
 def _tiny(mode: str) -> TinyWorldPipeline:
     torch.manual_seed(0)
-    arch = replace(TINY_DYN, **FRAME_MODES[mode])
-    pipe = make_config(dynamics=arch, autoencoder=TINY_AE, device="cpu").setup()
+    gate, moved = FRAME_MODES[mode]
+    arch = replace(TINY_DYN, copy_gate=gate)
+    pipe = make_config(dynamics=arch, autoencoder=TINY_AE, moved_copy=moved, device="cpu").setup()
     _randomise(pipe)
     return pipe
 
@@ -288,9 +285,9 @@ def _moved(z: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def test_copy_source_moves_the_previous_frame_by_the_action() -> None:
-    """``copy_shift``: frames reached by a move copy the previous one panned by one latent cell
+    """The moved copy: frames reached by a move copy the previous one panned by one latent cell
     (camera right: the content moves left), never the cells the move revealed."""
-    net = DynamicsTransformer(replace(TINY_DYN, copy_shift=True))
+    net = DynamicsTransformer(TINY_DYN)
     z = torch.randn(3, 9, 4, 8, 8)
     actions = torch.arange(27).reshape(3, 9) % 9
     moved, known = (net.unpatchify(x) for x in net.copy_source(net.patchify(z), actions))
@@ -303,14 +300,11 @@ def test_copy_source_moves_the_previous_frame_by_the_action() -> None:
     assert known[actions == int(Action.DOWN_LEFT)].mean() == 49 / 64  # a row and a column revealed
 
 
-@pytest.mark.parametrize("mode", ["copy-gate", "moved-copy"])
-def test_copy_matches_its_definition(mode: str) -> None:
-    """The velocity points to ``g * source + (1 - g) * x0_net`` (training and inference).
-    ``copy_gate``: ``source`` is the previous frame and ``g`` the learned gate. ``copy_shift``:
-    ``source`` is the previous frame moved by the action, and ``g`` is 1 on the cells that stayed
-    in view, 0 on those the move revealed."""
+def test_copy_gate_matches_its_definition() -> None:
+    """The gated velocity points to ``g * previous + (1 - g) * x0_net`` (training and inference)."""
     torch.manual_seed(3)
-    net = DynamicsTransformer(replace(TINY_DYN, **FRAME_MODES[mode])).eval()
+    arch = replace(TINY_DYN, copy_gate=True)
+    net = DynamicsTransformer(arch).eval()
     _randomise(net, seed=3)
     b, t = 2, 4
     z = torch.randn(b, t, 4, 8, 8)
@@ -322,14 +316,30 @@ def test_copy_matches_its_definition(mode: str) -> None:
         plain = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots)
         gated = net.forward_train(z, sigma_ctx, noisy, sigma, actions, mask, slots, z[:, :-1])
         cond = net.condition(torch.cat([sigma_ctx, sigma], 1), torch.cat([actions, actions[:, 1:]], 1))
-    if mode == "moved-copy":
-        source, g = _moved(z[:, :-1], actions[:, 1:])
-        assert 0 < g.mean() < 1
-    else:
-        source, g = z[:, :-1], torch.sigmoid(net.gate(cond[:b, t:]))[..., None, None]
+        g = torch.sigmoid(net.gate(cond[:b, t:]))[..., None, None]
     s = sigma[..., None, None, None]
-    x0 = g * source + (1 - g) * (noisy - s * plain)
+    x0 = g * z[:, :-1] + (1 - g) * (noisy - s * plain)
     torch.testing.assert_close(gated, (noisy - x0) / s, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_moved_copy_matches_its_definition(gate: bool) -> None:
+    """With the moved copy the velocity points to the previous frame moved by the action on the
+    cells that stayed in view and to the network's ``x0`` on the revealed ones, gate or not."""
+    net = DynamicsTransformer(replace(TINY_DYN, copy_gate=gate)).eval()
+    _randomise(net, seed=4)
+    b = 9
+    previous, noisy = torch.randn(b, 4, 8, 8), torch.randn(b, 4, 8, 8)
+    sigma, actions = torch.rand(b) * 0.9 + 0.1, torch.arange(b)
+    with torch.no_grad():
+        plain, _ = net.forward_frame(net.patchify(noisy), sigma, actions, None, 0)
+        moved, _ = net.forward_frame(
+            net.patchify(noisy), sigma, actions, None, 0, net.patchify(previous), moved=True
+        )
+    source, known = (x[:, 0] for x in _moved(previous[:, None], actions[:, None]))
+    s = sigma[:, None, None, None]
+    x0 = known * source + (1 - known) * (noisy - s * net.unpatchify(plain))
+    torch.testing.assert_close(net.unpatchify(moved), (noisy - x0) / s, atol=1e-4, rtol=1e-4)
 
 
 def test_moved_copy_model_carries_the_view_it_moves() -> None:
@@ -476,18 +486,15 @@ def test_compiled_training_step_matches_eager(tmp_path: Path) -> None:
         assert (got - want).norm() <= 0.05 * want.norm() + 1e-6
 
 
-@pytest.mark.parametrize("mode", ["copy-gate", "moved-copy"])
 def test_refine_distills_the_distilled_model_at_4_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``distill`` teaches the 2-step student the base model's 8-step samples; ``refine`` then
     teaches a fresh 2-step student the *distilled* model's 4-step samples; the refined student
-    is what the gate calibration (a ``copy_gate`` model's only) and everything after get."""
+    is what the gate calibration (and everything after) gets."""
     from pipeline.tiny_world import train as train_module
 
-    smoke = train_module.smoke_config(tmp_path)
-    copy = {"copy_gate": False, "copy_shift": False, **FRAME_MODES[mode]}
-    cfg = replace(smoke, dynamics=replace(smoke.dynamics, **copy))
+    cfg = train_module.smoke_config(tmp_path)
     stages: list[tuple[str, DynamicsTransformer, DynamicsTransformer]] = []
     frozen_sampler_steps: list[tuple[int, int]] = []  # (stages done, Euler steps) of eval-mode samples
     calibrated: list[DynamicsTransformer] = []
@@ -518,7 +525,7 @@ def test_refine_distills_the_distilled_model_at_4_steps(
     (first, base, distilled), (second, teacher, refined) = stages
     assert (first, second) == ("distill", "refine")
     assert teacher is distilled and distilled is not base and refined is not distilled
-    assert calibrated == ([refined] if mode == "copy-gate" else [])
+    assert calibrated == [refined]
     teachers = {(done, steps) for done, steps in frozen_sampler_steps if done < 2}
     assert teachers == {(0, 8), (1, 4)}
 

@@ -209,6 +209,8 @@ class EvalResult:
 
     steps: int
     context_noise: float
+    moved_copy: bool
+    """Whether frames were sampled as inpaintings of the moved previous frame."""
     action_following: float
     action_following_real: float
     action_following_by_action: dict[str, float]
@@ -236,6 +238,12 @@ class EvalResult:
     fps_single: float
 
 
+def _transformer(pipe: TinyWorldPipeline) -> TinyWorldTransformer:
+    transformer = pipe.diffusion_model.transformer
+    assert isinstance(transformer, TinyWorldTransformer)
+    return transformer
+
+
 @torch.no_grad()
 def copy_gate_by_action(pipe: TinyWorldPipeline) -> dict[str, dict[str, float]] | None:
     """``g`` of the copy gate per action name and noise level of the pipeline's sampler.
@@ -243,9 +251,7 @@ def copy_gate_by_action(pipe: TinyWorldPipeline) -> dict[str, dict[str, float]] 
     The gate depends on the action and the noise level only (not on the frame), so this is the
     whole of what it learned.
     """
-    transformer = pipe.diffusion_model.transformer
-    assert isinstance(transformer, TinyWorldTransformer)
-    net = transformer.net
+    net = _transformer(pipe).net
     if not net.config.copy_gate:
         return None
     sigmas = pipe.diffusion_model.scheduler.sigmas[:-1]  # type: ignore[attr-defined]
@@ -375,6 +381,7 @@ def evaluate(
     return EvalResult(
         steps=len(pipe.diffusion_model.scheduler.sigmas) - 1,  # type: ignore[attr-defined]
         context_noise=pipe.diffusion_model.config.context_noise,
+        moved_copy=_transformer(pipe).config.moved_copy,
         action_following=float(np.mean(follow)),
         action_following_real=float(np.mean(follow_real)),
         action_following_by_action={k: float(np.mean(v)) for k, v in sorted(by_action.items())},
@@ -404,6 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: pipeline's)")
     p.add_argument("--context-noise", type=float, default=None, help="override finalize noise")
     p.add_argument("--dtype", default=None, help="override the pipeline dtype (float32, bfloat16)")
+    p.add_argument(
+        "--moved-copy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample frames as inpaintings of the moved previous frame (default: the pipeline's)",
+    )
     p.add_argument("--worlds", type=int, default=8, help="held-out worlds")
     p.add_argument("--drift-steps", type=int, default=300)
     p.add_argument("--idle-worlds", type=int, default=8, help="held-out worlds for idle and stop-go-stop")
@@ -419,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         changes["diffusion_model__context_noise"] = args.context_noise
     if args.dtype is not None:
         changes["dtype"] = args.dtype
+    if args.moved_copy is not None:
+        changes["diffusion_model__transformer__moved_copy"] = args.moved_copy
     from pipeline.config import derive_config
 
     pipe = (derive_config(cfg, **changes) if changes else cfg).setup()

@@ -181,17 +181,6 @@ class DynamicsConfig:
     keys with a small error every step that an idle rollout accumulates into drift; where it moves
     ``g -> 0`` and frames are generated whole, so errors do not integrate. ``False``: weights
     trained before issue #16."""
-    copy_shift: bool = False
-    """Instead of :attr:`copy_gate`: copy the previous frame moved by the action's camera step
-    (``ACTION_DELTAS``; one step is ``STEP_PX`` pixels, a whole number of latent cells) into every
-    cell that stayed in view, and generate only the cells the move revealed: ``x0 = previous
-    moved`` there, ``x0_net`` elsewhere. The autoencoder is close to shift-equivariant (a move
-    changes the latents of the cells that stay in view by 0.1 % of their variance, ~7 % next to
-    the frame's edges), so each cell is generated once, when it enters the view, and then carried:
-    a view neither drifts while held nor softens while it moves. A learned per-frame gate on the
-    moved copy (run v7's first attempt) settled at g = 0.86-0.96 for moves and re-drew 4-14 % of
-    every frame: softer (2 steps 0.41 of real sharpness) than the plain copy (0.45 with the same
-    networks). ``False`` for weights trained before it (run v6 and earlier)."""
 
     def __post_init__(self) -> None:
         if self.latent_size % self.patch:
@@ -200,20 +189,15 @@ class DynamicsConfig:
             raise ConfigError(f"d_model {self.d_model} must split into {self.heads} heads of even size")
         if self.window < 1:
             raise ConfigError(f"window must be >= 1, got {self.window}")
-        if self.copy_shift and self.copy_gate:
-            raise ConfigError("copy_shift replaces copy_gate: set one of them")
-        whole_cells = STEP_PX * self.latent_size % VIEW_PX == 0
-        if self.copy_shift and (self.num_actions != len(ACTION_DELTAS) or not whole_cells):
-            raise ConfigError(
-                f"copy_shift needs the environment's {len(ACTION_DELTAS)} actions and a camera step of "
-                f"whole latent cells (latent_size {self.latent_size})"
-            )
 
     @property
-    def copies_previous(self) -> bool:
-        """Whether a frame is made from the previous clean frame too (:attr:`copy_gate` or
-        :attr:`copy_shift`), which a session's cache must then keep."""
-        return self.copy_gate or self.copy_shift
+    def moved_copy_cells(self) -> int | None:
+        """Latent cells the camera moves per action, if a moved copy of the previous frame can
+        stand for the cells that stay in view (:meth:`DynamicsTransformer.forward_frame`'s
+        ``moved``): the environment's actions and a camera step of whole cells. Else ``None``."""
+        if self.num_actions != len(ACTION_DELTAS) or STEP_PX * self.latent_size % VIEW_PX:
+            return None
+        return STEP_PX * self.latent_size // VIEW_PX
 
     @property
     def tokens_per_frame(self) -> int:
@@ -311,10 +295,12 @@ class DynamicsBlock(nn.Module):
 
 
 def copy_tables(config: DynamicsConfig) -> tuple[Tensor, Tensor]:
-    """Per action, ``[A, S*S]``: the flat latent cell of the previous frame each cell is copied
-    from (:attr:`DynamicsConfig.copy_shift`; 0 where none is), and 1.0 where there is one."""
-    s = config.latent_size
-    cells = STEP_PX * s // VIEW_PX
+    """Per action, ``[A, S*S]``: the flat latent cell of the previous frame each cell shows after
+    the move (0 where it shows a new one), and 1.0 where it shows an old one. Empty ``[0, S*S]``
+    tables where the camera step is not whole cells (:attr:`DynamicsConfig.moved_copy_cells`)."""
+    s, cells = config.latent_size, config.moved_copy_cells
+    if cells is None:
+        return torch.zeros(0, s * s, dtype=torch.long), torch.zeros(0, s * s)
     deltas = torch.as_tensor(ACTION_DELTAS * cells)
     idx = torch.arange(s)
     rows = idx[None, :, None] + deltas[:, 0, None, None]  # [A, S, 1]: source row of each row
@@ -412,9 +398,11 @@ class DynamicsTransformer(nn.Module):
         return torch.sigmoid(self.gate(cond).float())
 
     def copy_source(self, previous: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """:attr:`DynamicsConfig.copy_shift`: ``previous`` clean frames' tokens ``[B, F, P, D]``
-        moved by the camera steps of ``actions [B, F]``, and the tokens' mask of the cells that
-        stayed in view (0 where the move revealed them)."""
+        """``previous`` clean frames' tokens ``[B, F, P, D]`` moved by the camera steps of
+        ``actions [B, F]``, and the tokens' mask of the cells that stayed in view (0 where the move
+        revealed them). Needs :attr:`DynamicsConfig.moved_copy_cells`."""
+        if not len(self.copy_src):
+            raise ConfigError("a moved copy needs the environment's actions and a camera step of whole cells")
         z = self.unpatchify(previous)
         b, f, c, s, _ = z.shape
         src = self.copy_src[actions][:, :, None].expand(b, f, c, s * s)
@@ -429,21 +417,22 @@ class DynamicsTransformer(nn.Module):
         sigma: Tensor,
         cond: Tensor,
         previous: Tensor | None,
-        actions: Tensor,
+        moved_by: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy.
 
         Given the ``previous`` clean frames' tokens, the clean frame the velocity points to is
         ``g * source + (1 - g) * (noisy - sigma * v)``, i.e. ``v + g * ((noisy - source) / sigma -
-        v)``. :attr:`DynamicsConfig.copy_gate`: ``source`` is ``previous`` and ``g`` the gate of
-        ``cond [B', F, d]``. :attr:`DynamicsConfig.copy_shift`: ``source`` is ``previous`` moved by
-        ``actions [B, F]`` (:meth:`copy_source`) and ``g`` 1 where a cell stayed in view, else 0.
-        Otherwise (or without ``previous``: a forward only run for its keys and values) ``v``.
+        v)``. With ``moved_by`` (actions ``[B, F]``: the sampler's moved copy, any model),
+        ``source`` is ``previous`` moved by the actions (:meth:`copy_source`) and ``g`` is 1 where
+        a cell stayed in view, else 0. Otherwise, with :attr:`DynamicsConfig.copy_gate`,
+        ``source`` is ``previous`` and ``g`` the gate of ``cond [B', F, d]``. Else (or without
+        ``previous``: a forward only run for its keys and values) ``v`` itself.
         """
         if previous is None:
             return v
-        if self.config.copy_shift:
-            previous, g = self.copy_source(previous, actions)
+        if moved_by is not None:
+            previous, g = self.copy_source(previous, moved_by)
         elif self.config.copy_gate:
             g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1)
         else:
@@ -509,7 +498,7 @@ class DynamicsTransformer(nn.Module):
         noisy = self.patchify(z_noisy)
         out, _ = self._run(noisy, cond, self._rope(slots[t:]), context, mask[n:])
         prev = None if previous is None else self.patchify(previous)
-        return self.unpatchify(self.apply_copy_gate(out, noisy, sigma_noisy, cond, prev, actions[:, 1:]))
+        return self.unpatchify(self.apply_copy_gate(out, noisy, sigma_noisy, cond, prev))
 
     def forward_train(
         self,
@@ -541,8 +530,7 @@ class DynamicsTransformer(nn.Module):
         )
         out, _ = self._run(tokens, cond, self._rope(slots), None, mask)
         prev = None if previous is None else self.patchify(previous)
-        gated = self.apply_copy_gate(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev, actions[:, 1:])
-        return self.unpatchify(gated)
+        return self.unpatchify(self.apply_copy_gate(out[:, t:], noisy, sigma_noisy, cond[:, t:], prev))
 
     # ---- inference with a sliding-window KV cache -----------------------------------------
     def new_cache(
@@ -592,18 +580,22 @@ class DynamicsTransformer(nn.Module):
         context: list[KV] | None,
         num_context_frames: int,
         previous: Tensor | None = None,
+        moved: bool = False,
     ) -> tuple[Tensor, list[KV]]:
         """One frame ``tokens [B, P, D]`` at noise ``sigma [B]`` after move ``action [B]``.
 
         Attends to ``context`` (from :meth:`rotated_context`) and itself, at window slot
         ``num_context_frames``; ``previous [B, P, D]``: the previous clean frame's tokens (for
-        :attr:`DynamicsConfig.copy_gate`; ``None`` when only the keys/values are wanted). Returns
-        the velocity tokens ``[B, P, D]`` and the frame's per-layer un-rotated keys/values
-        ``[B, H, P, hd]`` (for :meth:`append_to_cache`).
+        :attr:`DynamicsConfig.copy_gate`, or the moved copy; ``None`` when only the keys/values
+        are wanted). ``moved``: the cells that stay in view are ``previous`` moved by the action,
+        only the revealed ones are the network's (:meth:`apply_copy_gate`). Returns the velocity
+        tokens ``[B, P, D]`` and the frame's per-layer un-rotated keys/values ``[B, H, P, hd]``
+        (for :meth:`append_to_cache`).
         """
         cond = self.condition(sigma[:, None], action[:, None])
         slot = torch.full((1,), num_context_frames, device=tokens.device)
         out, kvs = self._run(tokens[:, None], cond, self._rope(slot), context, None)
         prev = None if previous is None else previous[:, None]
-        gated = self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev, action[:, None])
+        moved_by = action[:, None] if moved else None
+        gated = self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev, moved_by)
         return gated[:, 0], kvs

@@ -20,6 +20,10 @@ DEFAULT_STEPS = 4
 the shipped weights 4 steps give sharpness 0.58 of real, 2 steps 0.40 (short of the 0.5 floor).
 Both hold still (idle PSNR at frame 300: 49.0 / 48.0 dB) and follow 99.8 % of moves. 4 steps
 still run > 30 frames/s per session on 2 CPU cores; 2 steps are ~1.7× faster."""
+DEFAULT_MOVED_COPY = True
+"""Sample frames as inpaintings of the moved previous frame
+(:attr:`~pipeline.tiny_world.transformer.TinyWorldTransformerConfig.moved_copy`; model card,
+"Moved copy")."""
 DEFAULT_CONTEXT_NOISE = 0.05
 """Noise level a generated frame is written into the KV cache with."""
 
@@ -45,6 +49,7 @@ def make_config(
     latent_std: tuple[float, ...] | None = None,
     num_steps: int = DEFAULT_STEPS,
     context_noise: float = DEFAULT_CONTEXT_NOISE,
+    moved_copy: bool = DEFAULT_MOVED_COPY,
     device: str = "auto",
     dtype: str = "float32",
 ) -> TinyWorldPipelineConfig:
@@ -54,7 +59,9 @@ def make_config(
         name="tiny-world",
         encoder=ActionEncoderConfig(),
         diffusion_model=DiffusionModelConfig(
-            transformer=TinyWorldTransformerConfig(arch=dynamics, weights_dir=directory),
+            transformer=TinyWorldTransformerConfig(
+                arch=dynamics, weights_dir=directory, moved_copy=moved_copy
+            ),
             scheduler=FlowMatchEulerSchedulerConfig(num_steps=num_steps),
             context_noise=context_noise,
         ),

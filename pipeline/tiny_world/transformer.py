@@ -7,10 +7,11 @@ rollout sees its context at the same window slots: caches of sessions at differe
 stack into one batch.
 
 A copy-gate model (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.copy_gate`) blends each frame
-with the previous clean frame, so the cache also holds that frame (``last``). ``generate``'s clean
-result is kept as ``pending`` (:meth:`TinyWorldTransformer.postprocess_clean_latent`) until
-``finalize`` makes it the new ``last``: the cache only moves on at ``finalize``, as the contract
-says.
+with the previous clean frame, and the moved copy (:attr:`TinyWorldTransformerConfig.moved_copy`)
+carries the cells that stay in view from it, so the cache also holds that frame (``last``).
+``generate``'s clean result is kept as ``pending``
+(:meth:`TinyWorldTransformer.postprocess_clean_latent`) until ``finalize`` makes it the new
+``last``: the cache only moves on at ``finalize``, as the contract says.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.errors import FinalizeError, InputError, PipelineError
+from pipeline.errors import ConfigError, FinalizeError, InputError, PipelineError
 from pipeline.kv_cache import SlidingWindowKVCache
 from pipeline.tiny_world.env import Action
 from pipeline.tiny_world.nets import KV, DynamicsConfig, DynamicsTransformer
@@ -41,9 +42,10 @@ class TinyWorldCache(TransformerAutoregressiveCache):
     rotated_at: int = -1
     """``kv.frames_seen`` when ``rotated`` was computed."""
     last: Tensor | None = None
-    """Copy-gate models: tokens ``[B, P, D]`` of the latest clean frame (the first frame at start)."""
+    """Copy-gate models and the moved copy: tokens ``[B, P, D]`` of the latest clean frame (the
+    first frame at start)."""
     pending: Tensor | None = None
-    """Copy-gate models: clean tokens ``[1, P, D]`` of the rollout's step being generated, until
+    """Where ``last`` is kept: clean tokens ``[1, P, D]`` of the rollout's step being generated, until
     its ``finalize`` (kept on the rollout's own cache, also when it is generated in a batch)."""
     members: list[TinyWorldCache] = field(default_factory=list, repr=False)
     """A stacked cache's rollouts, in batch order."""
@@ -62,6 +64,13 @@ class TinyWorldTransformerConfig(TransformerConfig):
     """Noise level the first frame is written into the cache with at session start."""
     compile: bool = False
     """``torch.compile`` the per-frame forward lazily on first use (fixed shapes per batch size)."""
+    moved_copy: bool = False
+    """Sample each frame as an inpainting of the previous one: every cell that stayed in view is
+    the previous clean frame's, moved by the action's camera step (one latent cell), and the
+    network's velocity only makes the cells the move revealed (and, under ``none``, nothing). Each
+    cell is generated once, when it enters the view, then carried, so a view neither drifts while
+    held nor softens while it moves. Needs a camera step of whole latent cells
+    (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.moved_copy_cells`)."""
 
 
 class TinyWorldTransformer(Transformer[TinyWorldCache]):
@@ -72,7 +81,12 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
 
     def __init__(self, config: TinyWorldTransformerConfig) -> None:
         super().__init__(config)
+        if config.moved_copy and config.arch.moved_copy_cells is None:
+            raise ConfigError(
+                "moved_copy needs the environment's 9 actions and a camera step of whole latent cells"
+            )
         self.net = DynamicsTransformer(config.arch)
+        self._keeps_previous = config.arch.copy_gate or config.moved_copy
         if config.weights_dir is not None:
             load_module(self.net, Path(config.weights_dir) / DYN_FILE)
         self._forward_frame = self.net.forward_frame
@@ -98,7 +112,10 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         forward = self._forward_frame if steady else self.net.forward_frame
         if previous is not None:
             previous = previous.to(dtype)
-        return forward(tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames, previous)
+        moved = self.config.moved_copy and previous is not None
+        return forward(
+            tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames, previous, moved
+        )
 
     # ---- contract ------------------------------------------------------------------------
     def initialize_autoregressive_cache(self, **context: Any) -> TinyWorldCache:
@@ -126,7 +143,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         cache = TinyWorldCache(
             generator=torch.Generator(device=device).manual_seed(seed),
             kv=self.net.new_cache(1, device, dtype),
-            last=first_tokens if arch.copies_previous else None,
+            last=first_tokens if self._keeps_previous else None,
         )
         # The window is filled with copies of the first frame, as if the camera had stood still.
         k = arch.window
@@ -171,14 +188,14 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         self, noisy_latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any
     ) -> Tensor:
         previous = None
-        if self.config.arch.copies_previous:
+        if self._keeps_previous:
             previous = _required(cache.last, "last")
         velocity, _ = self._frame(noisy_latent, timestep, self._actions(input, noisy_latent), cache, previous)
         return velocity.to(noisy_latent.dtype)
 
     def postprocess_clean_latent(self, clean_latent: Tensor, cache: TinyWorldCache, input: Any) -> Tensor:
-        """Copy-gate models: each rollout holds its clean frame as ``pending``."""
-        if self.config.arch.copies_previous:
+        """Where ``last`` is kept, each rollout holds its clean frame as ``pending``."""
+        if self._keeps_previous:
             for i, rollout in enumerate(_rollouts(cache)):
                 rollout.pending = clean_latent[i : i + 1]
         return clean_latent
@@ -187,7 +204,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         _, kvs = self._frame(latent, timestep, self._actions(input, latent), cache, None)
         cache.kv.append_frame(kvs)
         cache.rotated = None
-        if self.config.arch.copies_previous:
+        if self._keeps_previous:
             rollouts = _rollouts(cache)
             frames = [r.pending for r in rollouts if r.pending is not None]
             if len(frames) != len(rollouts):
@@ -205,7 +222,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
     # ---- batch protocol ------------------------------------------------------------------
     def stack_caches(self, caches: list[TinyWorldCache]) -> TinyWorldCache:
         stacked = TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
-        if self.config.arch.copies_previous:
+        if self._keeps_previous:
             stacked.last = torch.cat([_required(c.last, "last") for c in caches])
             stacked.members = list(caches)
         return stacked
