@@ -2,6 +2,7 @@
 
     python benchmarks/tiny_world_speed.py [--batches 1 8] [--dtypes float32 bfloat16]
                                           [--compile both|off|on] [--steps 2] [--device auto]
+                                          [--moved-copy on|off|both]
                                           [--json PATH]
 
 Each configuration runs ``--warmup`` steps (compilation happens there) and then ``--iters`` timed
@@ -14,6 +15,7 @@ shape (speed does not depend on the weights).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -40,6 +42,8 @@ class SpeedResult:
     dtype: str
     compiled: bool
     steps: int
+    moved_copy: bool
+    """Frames sampled as inpaintings of the moved previous frame (the pipeline's default)."""
     generate_ms: float
     """Median ms per AR step for the whole batch: generate incl. decode."""
     finalize_ms: float
@@ -50,7 +54,9 @@ class SpeedResult:
     """Wall time of the warm-up steps (includes compilation)."""
 
 
-def build(dtype: str, compiled: bool, steps: int, device: str = "auto") -> TinyWorldPipeline:
+def build(
+    dtype: str, compiled: bool, steps: int, device: str = "auto", moved_copy: bool = True
+) -> TinyWorldPipeline:
     if weights_available(WEIGHTS_DIR):
         meta = load_meta(WEIGHTS_DIR)
         cfg = make_config(
@@ -60,6 +66,7 @@ def build(dtype: str, compiled: bool, steps: int, device: str = "auto") -> TinyW
             latent_mean=tuple(meta.latent_mean),
             latent_std=tuple(meta.latent_std),
             num_steps=steps,
+            moved_copy=moved_copy,
             dtype=dtype,
             device=device,
         )
@@ -68,6 +75,7 @@ def build(dtype: str, compiled: bool, steps: int, device: str = "auto") -> TinyW
             dynamics=DynamicsConfig(),
             autoencoder=AutoencoderConfig(),
             num_steps=steps,
+            moved_copy=moved_copy,
             dtype=dtype,
             device=device,
         )
@@ -125,37 +133,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
+    p.add_argument("--moved-copy", choices=["both", "off", "on"], default="on")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    compile_modes = {"both": [False, True], "off": [False], "on": [True]}[args.compile]
+    modes = {"both": [False, True], "off": [False], "on": [True]}
+    compile_modes = modes[args.compile]
     results: list[SpeedResult] = []
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, steps {args.steps}, {args.device}")
-    print("| batch | dtype | compile | generate ms | finalize ms | session-frames/s | warm-up s |")
-    print("|---|---|---|---|---|---|---|")
-    for compiled in compile_modes:
-        for dtype in args.dtypes:
-            pipe = build(dtype, compiled, args.steps, args.device)
-            for batch in args.batches:
-                gen_ms, fin_ms, warm_s = run(pipe, batch, args.warmup, args.iters)
-                g, f = statistics.median(gen_ms), statistics.median(fin_ms)
-                r = SpeedResult(
-                    batch,
-                    dtype,
-                    compiled,
-                    args.steps,
-                    round(g, 2),
-                    round(f, 2),
-                    round(batch * 1e3 / (g + f), 1),
-                    round(warm_s, 1),
-                )
-                results.append(r)
-                print(
-                    f"| {batch} | {dtype} | {compiled} | {r.generate_ms} | {r.finalize_ms} | "
-                    f"{r.session_frames_per_s} | {r.warmup_s} |",
-                    flush=True,
-                )
+    print(
+        "| batch | dtype | compile | moved copy | generate ms | finalize ms | session-frames/s | warm-up s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    configs = itertools.product(compile_modes, args.dtypes, modes[args.moved_copy])
+    for compiled, dtype, moved in configs:
+        pipe = build(dtype, compiled, args.steps, args.device, moved)
+        for batch in args.batches:
+            gen_ms, fin_ms, warm_s = run(pipe, batch, args.warmup, args.iters)
+            g, f = statistics.median(gen_ms), statistics.median(fin_ms)
+            r = SpeedResult(
+                batch,
+                dtype,
+                compiled,
+                args.steps,
+                moved,
+                round(g, 2),
+                round(f, 2),
+                round(batch * 1e3 / (g + f), 1),
+                round(warm_s, 1),
+            )
+            results.append(r)
+            print(
+                f"| {batch} | {dtype} | {compiled} | {moved} | {r.generate_ms} | {r.finalize_ms} | "
+                f"{r.session_frames_per_s} | {r.warmup_s} |",
+                flush=True,
+            )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
