@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.tiny_world.codecs import action_id
 from pipeline.tiny_world.env import (
     ACTION_DELTAS,
@@ -28,6 +28,7 @@ from pipeline.tiny_world.env import (
 )
 from pipeline.tiny_world.images import decode_start_image
 from pipeline.tiny_world.io import TinyWorldOptions
+from pipeline.tiny_world.memory import WorldMemory, camera_step_table
 from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig, DynamicsTransformer
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, make_config
 from pipeline.tiny_world.weights import WEIGHTS_DIR, weights_available
@@ -45,15 +46,23 @@ def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
-FRAME_MODES = {"whole": (False, False), "copy-gate": (True, False), "moved-copy": (True, True)}
-"""The ways a frame is made: ``(DynamicsConfig.copy_gate, TinyWorldTransformerConfig.moved_copy)``."""
+FRAME_MODES = {
+    "whole": (False, False, 0),
+    "copy-gate": (True, False, 0),
+    "moved-copy": (True, True, 0),
+    "memory": (True, True, 12),
+}
+"""The ways a frame is made: ``(DynamicsConfig.copy_gate, TinyWorldTransformerConfig.moved_copy,
+TinyWorldTransformerConfig.memory_cells)``."""
 
 
 def _tiny(mode: str) -> TinyWorldPipeline:
     torch.manual_seed(0)
-    gate, moved = FRAME_MODES[mode]
+    gate, moved, memory = FRAME_MODES[mode]
     arch = replace(TINY_DYN, copy_gate=gate)
-    pipe = make_config(dynamics=arch, autoencoder=TINY_AE, moved_copy=moved, device="cpu").setup()
+    pipe = make_config(
+        dynamics=arch, autoencoder=TINY_AE, moved_copy=moved, memory_cells=memory, device="cpu"
+    ).setup()
     _randomise(pipe)
     return pipe
 
@@ -271,7 +280,7 @@ def test_copy_gate_open_repeats_the_previous_frame() -> None:
 
 
 def _moved(z: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for ``copy_source``: each frame of ``z [B, F, C, S, S]`` rolled against its
+    """Reference of the moved copy: each frame of ``z [B, F, C, S, S]`` rolled against its
     action's camera step (one latent cell), and the mask of the cells that did not wrap."""
     moved, known = torch.empty_like(z), torch.zeros_like(z)
     s = z.shape[-1]
@@ -284,20 +293,67 @@ def _moved(z: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.
     return moved * known, known
 
 
-def test_copy_source_moves_the_previous_frame_by_the_action() -> None:
-    """The moved copy: frames reached by a move copy the previous one panned by one latent cell
-    (camera right: the content moves left), never the cells the move revealed."""
-    net = DynamicsTransformer(TINY_DYN)
-    z = torch.randn(3, 9, 4, 8, 8)
-    actions = torch.arange(27).reshape(3, 9) % 9
-    moved, known = (net.unpatchify(x) for x in net.copy_source(net.patchify(z), actions))
-    ref_moved, ref_known = _moved(z, actions)
+STEPS = camera_step_table(1)
+
+
+def test_world_memory_of_one_view_is_the_moved_copy() -> None:
+    """A memory as large as the view holds the previous frame only: the next view's known cells
+    are that frame panned by one latent cell (camera right: the content moves left), never the
+    cells the move revealed; rollouts stacked into one memory read the same."""
+    z = torch.randn(9, 4, 8, 8)
+    actions = torch.arange(9)
+    memories = [WorldMemory.start(z[i : i + 1], side=8) for i in range(9)]
+    latents, known = WorldMemory.stack(memories).view(STEPS[actions], 8)
+    known = known.expand_as(latents)
+    ref_moved, ref_known = (x[:, 0] for x in _moved(z[:, None], actions[:, None]))
     torch.testing.assert_close(known, ref_known, atol=0, rtol=0)
-    torch.testing.assert_close(moved * known, ref_moved, atol=0, rtol=0)
-    right = actions == int(Action.RIGHT)
-    torch.testing.assert_close(moved[right][..., :7], z[right][..., 1:], atol=0, rtol=0)
-    assert known[actions == int(Action.NONE)].min() == 1.0
-    assert known[actions == int(Action.DOWN_LEFT)].mean() == 49 / 64  # a row and a column revealed
+    torch.testing.assert_close(latents, ref_moved, atol=0, rtol=0)
+    torch.testing.assert_close(latents[Action.RIGHT, ..., :7], z[Action.RIGHT, ..., 1:], atol=0, rtol=0)
+    assert known[Action.NONE].min() == 1.0
+    assert known[Action.DOWN_LEFT].mean() == 49 / 64  # a row and a column revealed
+    alone = memories[Action.UP_RIGHT].view(STEPS[[int(Action.UP_RIGHT)]], 8)
+    torch.testing.assert_close(alone[0][0], latents[Action.UP_RIGHT], atol=0, rtol=0)
+
+
+def _walk(memory: WorldMemory, moves: list[Action], world: torch.Tensor) -> WorldMemory:
+    """``memory`` after the camera makes ``moves`` over ``world [1, C, H, W]`` latents (its views:
+    8×8 crops at the memory's positions)."""
+    for move in moves:
+        y, x = (int(c) for c in memory.position[0] + STEPS[int(move)])
+        memory = memory.moved(world[..., y : y + 8, x : x + 8], STEPS[[int(move)]])
+    return memory
+
+
+def test_world_memory_remembers_the_cells_that_left_the_view() -> None:
+    """Three steps right and two back, then the view one more step left (the first): a 12-cell
+    memory knows all of it again, exactly; an 8-cell one (the view only) not the revealed column."""
+    world = torch.randn(1, 4, 8, 20)
+    moves = [Action.RIGHT] * 3 + [Action.LEFT] * 2
+    for side, unknown_cols in ((12, 0), (8, 1)):
+        memory = _walk(WorldMemory.start(world[..., :8], side), moves, world)
+        latents, known = memory.view(STEPS[[int(Action.LEFT)]], 8)
+        assert known[..., unknown_cols:].min() == 1.0 and known[..., :unknown_cols].sum() == 0
+        torch.testing.assert_close(latents * known, world[..., :8] * known, atol=0, rtol=0)
+
+
+def test_world_memory_forgets_a_cell_written_over_a_ring_period_away() -> None:
+    """A 9-cell ring: two steps right put world column 9 where column 0 was; back at the start,
+    column 0 is unknown (not mistaken for column 9) and column 1 is still the first view's."""
+    world = torch.randn(1, 4, 8, 10)
+    memory = _walk(WorldMemory.start(world[..., :8], 9), [Action.RIGHT] * 2, world)
+    latents, known = memory.view(torch.tensor([[0, -2]]), 8)
+    assert known[..., 0].max() == 0.0 and known[..., 1:].min() == 1.0
+    torch.testing.assert_close(latents[..., 1:], world[..., 1:8], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        WorldMemory.start(world[..., :8], 7)
+
+
+def test_memory_config_is_validated() -> None:
+    for moved, memory in ((False, 12), (True, 7)):
+        with pytest.raises(ConfigError, match="memory_cells"):
+            make_config(
+                dynamics=TINY_DYN, autoencoder=TINY_AE, moved_copy=moved, memory_cells=memory, device="cpu"
+            ).setup()
 
 
 def test_copy_gate_matches_its_definition() -> None:
@@ -323,43 +379,55 @@ def test_copy_gate_matches_its_definition() -> None:
 
 
 @pytest.mark.parametrize("gate", [False, True])
-def test_moved_copy_matches_its_definition(gate: bool) -> None:
-    """With the moved copy the velocity points to the previous frame moved by the action on the
-    cells that stayed in view and to the network's ``x0`` on the revealed ones, gate or not."""
+def test_inpainting_matches_its_definition(gate: bool) -> None:
+    """Given known clean cells (the moved copy's), the velocity points to them there and to the
+    network's ``x0`` elsewhere, gate or not."""
     net = DynamicsTransformer(replace(TINY_DYN, copy_gate=gate)).eval()
     _randomise(net, seed=4)
     b = 9
-    previous, noisy = torch.randn(b, 4, 8, 8), torch.randn(b, 4, 8, 8)
+    source, noisy = torch.randn(b, 4, 8, 8), torch.randn(b, 4, 8, 8)
+    known = (torch.rand(b, 1, 8, 8) < 0.7).float().expand(-1, 4, -1, -1)
     sigma, actions = torch.rand(b) * 0.9 + 0.1, torch.arange(b)
     with torch.no_grad():
         plain, _ = net.forward_frame(net.patchify(noisy), sigma, actions, None, 0)
-        moved, _ = net.forward_frame(
-            net.patchify(noisy), sigma, actions, None, 0, net.patchify(previous), moved=True
+        copied, _ = net.forward_frame(
+            net.patchify(noisy), sigma, actions, None, 0, net.patchify(source), net.patchify(known)
         )
-    source, known = (x[:, 0] for x in _moved(previous[:, None], actions[:, None]))
     s = sigma[:, None, None, None]
     x0 = known * source + (1 - known) * (noisy - s * net.unpatchify(plain))
-    torch.testing.assert_close(net.unpatchify(moved), (noisy - x0) / s, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(net.unpatchify(copied), (noisy - x0) / s, atol=1e-4, rtol=1e-4)
 
 
-def test_moved_copy_model_carries_the_view_it_moves() -> None:
+def _view(pipe: TinyWorldPipeline, cache: Any) -> torch.Tensor:
+    """The clean latent of a moved-copy session's latest frame, from its world memory."""
+    memory = cache.transformer_cache.memory
+    return memory.view(torch.zeros(1, 2, dtype=torch.long), 8)[0]
+
+
+@pytest.mark.parametrize("mode", ["moved-copy", "memory"])
+def test_moved_copy_model_carries_the_view_it_moves(mode: str) -> None:
     """Through the pipeline (generate, finalize): every step's clean latent is the previous one
-    moved by the camera step on the cells that stayed in view; only the revealed cells are new."""
-    pipe = _tiny("moved-copy")
+    moved by the camera step on the cells that stayed in view; only the revealed cells are new.
+    With a memory, cells that come back into view are the ones that left it: two steps right and
+    two back return to the first view exactly; without, the returning columns are generated anew."""
+    pipe = _tiny(mode)
     io = pipe.io
     cache = io.initialize_session(pipe, io.validate_options({"world_seed": 3}), 0)
-    tc = cache.transformer_cache
-    net = pipe.diffusion_model.transformer.net
-    moves = ["right", "right", "up_left", "none", "down"]
+    first = _view(pipe, cache)
+    moves = ["right", "right", "up_left", "none", "down", "left"]
     for i, move in enumerate(moves):
-        before = net.unpatchify(tc.last)
+        before = _view(pipe, cache)
         pipe.generate(i, cache, io.action_to_input(io.validate_action({"move": move}), i))
         pipe.finalize(i, cache)
-        after = net.unpatchify(tc.last)
+        after = _view(pipe, cache)
         moved, known = _moved(before[:, None], torch.tensor([[int(Action[move.upper()])]]))
         torch.testing.assert_close(after * known[:, 0], moved[:, 0], atol=1e-5, rtol=0)
         if move != "none":
             assert (after - before).abs().amax() > 0.1  # the view did move
+    if mode == "memory":
+        torch.testing.assert_close(after, first, atol=0, rtol=0)
+    else:
+        assert (after[..., 6:] - first[..., 6:]).abs().amax() > 0.1
 
 
 def test_copy_gate_finalize_needs_its_generate() -> None:

@@ -211,6 +211,8 @@ class EvalResult:
     context_noise: float
     moved_copy: bool
     """Whether frames were sampled as inpaintings of the moved previous frame."""
+    memory_cells: int
+    """Side of the square of world cells a rollout remembers (0: the previous view only)."""
     action_following: float
     action_following_real: float
     action_following_by_action: dict[str, float]
@@ -222,6 +224,8 @@ class EvalResult:
     dominant_biome_share_last100_real: float
     revisit_psnr_2: float
     revisit_psnr_4: float
+    revisit_psnr_12: float
+    """12 away and 12 back: beyond the view (8 cells) and beyond the KV window."""
     revisit_psnr_gt_2: float
     idle_worlds: int
     idle_psnr: dict[str, float]
@@ -373,7 +377,7 @@ def evaluate(
     hr = np.stack([biome_histograms(f) for f in d_real])
     tv = 0.5 * np.abs(hg - hr).sum(-1)  # [N, T]
     agg = 0.5 * np.abs(hg.mean((0, 1)) - hr.mean((0, 1))).sum()
-    revisit = {n: revisit_psnr(pipe, seeds, n) for n in (2, 4)}
+    revisit = {n: revisit_psnr(pipe, seeds, n) for n in (2, 4, 12)}
     # Idle stability and stop-go-stop, from the same held-out starts.
     idle_seeds = [EVAL_SEED_BASE + i for i in range(idle_worlds)]
     idle, idle_vs_start, idle_sharp = idle_stability(pipe, idle_seeds, idle_steps)
@@ -382,6 +386,7 @@ def evaluate(
         steps=len(pipe.diffusion_model.scheduler.sigmas) - 1,  # type: ignore[attr-defined]
         context_noise=pipe.diffusion_model.config.context_noise,
         moved_copy=_transformer(pipe).config.moved_copy,
+        memory_cells=_transformer(pipe).config.memory_cells,
         action_following=float(np.mean(follow)),
         action_following_real=float(np.mean(follow_real)),
         action_following_by_action={k: float(np.mean(v)) for k, v in sorted(by_action.items())},
@@ -393,6 +398,7 @@ def evaluate(
         dominant_biome_share_last100_real=float(hr[:, -100:].mean(1).max(-1).mean()),
         revisit_psnr_2=revisit[2][0],
         revisit_psnr_4=revisit[4][0],
+        revisit_psnr_12=revisit[12][0],
         revisit_psnr_gt_2=revisit[2][1],
         idle_worlds=idle_worlds,
         idle_psnr={str(n): v for n, v in idle.items()},
@@ -417,6 +423,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="sample frames as inpaintings of the moved previous frame (default: the pipeline's)",
     )
+    p.add_argument(
+        "--memory-cells",
+        type=int,
+        default=None,
+        help="world cells a rollout remembers (default: the pipeline's; 0 without the moved copy)",
+    )
     p.add_argument("--worlds", type=int, default=8, help="held-out worlds")
     p.add_argument("--drift-steps", type=int, default=300)
     p.add_argument("--idle-worlds", type=int, default=8, help="held-out worlds for idle and stop-go-stop")
@@ -434,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
         changes["dtype"] = args.dtype
     if args.moved_copy is not None:
         changes["diffusion_model__transformer__moved_copy"] = args.moved_copy
+    if args.memory_cells is not None or args.moved_copy is False:
+        changes["diffusion_model__transformer__memory_cells"] = args.memory_cells or 0
     from pipeline.config import derive_config
 
     pipe = (derive_config(cfg, **changes) if changes else cfg).setup()

@@ -191,10 +191,10 @@ class DynamicsConfig:
             raise ConfigError(f"window must be >= 1, got {self.window}")
 
     @property
-    def moved_copy_cells(self) -> int | None:
-        """Latent cells the camera moves per action, if a moved copy of the previous frame can
-        stand for the cells that stay in view (:meth:`DynamicsTransformer.forward_frame`'s
-        ``moved``): the environment's actions and a camera step of whole cells. Else ``None``."""
+    def camera_step_cells(self) -> int | None:
+        """Latent cells the camera moves per action, if every view's cells sit at whole world cells
+        (what the sampler's world memory needs: :mod:`pipeline.tiny_world.memory`): the
+        environment's actions and a camera step of whole cells. Else ``None``."""
         if self.num_actions != len(ACTION_DELTAS) or STEP_PX * self.latent_size % VIEW_PX:
             return None
         return STEP_PX * self.latent_size // VIEW_PX
@@ -294,22 +294,6 @@ class DynamicsBlock(nn.Module):
         return x, (k, v)
 
 
-def copy_tables(config: DynamicsConfig) -> tuple[Tensor, Tensor]:
-    """Per action, ``[A, S*S]``: the flat latent cell of the previous frame each cell shows after
-    the move (0 where it shows a new one), and 1.0 where it shows an old one. Empty ``[0, S*S]``
-    tables where the camera step is not whole cells (:attr:`DynamicsConfig.moved_copy_cells`)."""
-    s, cells = config.latent_size, config.moved_copy_cells
-    if cells is None:
-        return torch.zeros(0, s * s, dtype=torch.long), torch.zeros(0, s * s)
-    deltas = torch.as_tensor(ACTION_DELTAS * cells)
-    idx = torch.arange(s)
-    rows = idx[None, :, None] + deltas[:, 0, None, None]  # [A, S, 1]: source row of each row
-    cols = idx[None, None, :] + deltas[:, 1, None, None]  # [A, 1, S]
-    known = ((rows >= 0) & (rows < s)) & ((cols >= 0) & (cols < s))
-    source = torch.where(known, rows.clamp(0, s - 1) * s + cols.clamp(0, s - 1), 0)
-    return source.reshape(-1, s * s), known.reshape(-1, s * s).float()
-
-
 class DynamicsTransformer(nn.Module):
     """Action- and noise-conditioned velocity predictor over a sliding window of latent frames."""
 
@@ -334,11 +318,6 @@ class DynamicsTransformer(nn.Module):
             self.gate = nn.Linear(d, 1)
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, -2.0)  # g = 0.12: starts close to whole frames
-        source, known = copy_tables(config)
-        self.copy_src: Tensor
-        self.copy_known: Tensor
-        self.register_buffer("copy_src", source, persistent=False)
-        self.register_buffer("copy_known", known, persistent=False)
 
     # ---- shapes ---------------------------------------------------------------------------
     def patchify(self, z: Tensor) -> Tensor:
@@ -397,19 +376,6 @@ class DynamicsTransformer(nn.Module):
         """The copy gate ``g [B', F, 1]`` (fp32) for per-frame conditions ``cond [B', F, d]``."""
         return torch.sigmoid(self.gate(cond).float())
 
-    def copy_source(self, previous: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """``previous`` clean frames' tokens ``[B, F, P, D]`` moved by the camera steps of
-        ``actions [B, F]``, and the tokens' mask of the cells that stayed in view (0 where the move
-        revealed them). Needs :attr:`DynamicsConfig.moved_copy_cells`."""
-        if not len(self.copy_src):
-            raise ConfigError("a moved copy needs the environment's actions and a camera step of whole cells")
-        z = self.unpatchify(previous)
-        b, f, c, s, _ = z.shape
-        src = self.copy_src[actions][:, :, None].expand(b, f, c, s * s)
-        moved = z.reshape(b, f, c, s * s).gather(3, src).reshape(b, f, c, s, s)
-        known = self.copy_known[actions][:, :, None].expand(b, f, c, s * s).reshape(b, f, c, s, s)
-        return self.patchify(moved), self.patchify(known)
-
     def apply_copy_gate(
         self,
         v: Tensor,
@@ -417,22 +383,22 @@ class DynamicsTransformer(nn.Module):
         sigma: Tensor,
         cond: Tensor,
         previous: Tensor | None,
-        moved_by: Tensor | None = None,
+        known: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``[B, F, P, D]`` of ``noisy`` frames at ``sigma [B, F]`` after the copy.
 
-        Given the ``previous`` clean frames' tokens, the clean frame the velocity points to is
-        ``g * source + (1 - g) * (noisy - sigma * v)``, i.e. ``v + g * ((noisy - source) / sigma -
-        v)``. With ``moved_by`` (actions ``[B, F]``: the sampler's moved copy, any model),
-        ``source`` is ``previous`` moved by the actions (:meth:`copy_source`) and ``g`` is 1 where
-        a cell stayed in view, else 0. Otherwise, with :attr:`DynamicsConfig.copy_gate`,
-        ``source`` is ``previous`` and ``g`` the gate of ``cond [B', F, d]``. Else (or without
+        Given clean tokens ``previous`` to copy from, the clean frame the velocity points to is
+        ``g * previous + (1 - g) * (noisy - sigma * v)``, i.e. ``v + g * ((noisy - previous) / sigma
+        - v)``. With ``known`` (the sampler's inpainting, any model: a ``[B, F, P, D]`` mask, 1.0
+        where ``previous`` holds the frame's own clean value, e.g. a cell that stayed in view),
+        ``g = known``. Otherwise, with :attr:`DynamicsConfig.copy_gate`, ``previous`` is the
+        previous clean frame and ``g`` the gate of ``cond [B', F, d]``. Else (or without
         ``previous``: a forward only run for its keys and values) ``v`` itself.
         """
         if previous is None:
             return v
-        if moved_by is not None:
-            previous, g = self.copy_source(previous, moved_by)
+        if known is not None:
+            g = known
         elif self.config.copy_gate:
             g = self.gate_value(cond)[: v.shape[0]].unsqueeze(-1)
         else:
@@ -580,15 +546,15 @@ class DynamicsTransformer(nn.Module):
         context: list[KV] | None,
         num_context_frames: int,
         previous: Tensor | None = None,
-        moved: bool = False,
+        known: Tensor | None = None,
     ) -> tuple[Tensor, list[KV]]:
         """One frame ``tokens [B, P, D]`` at noise ``sigma [B]`` after move ``action [B]``.
 
         Attends to ``context`` (from :meth:`rotated_context`) and itself, at window slot
         ``num_context_frames``; ``previous [B, P, D]``: the previous clean frame's tokens (for
-        :attr:`DynamicsConfig.copy_gate`, or the moved copy; ``None`` when only the keys/values
-        are wanted). ``moved``: the cells that stay in view are ``previous`` moved by the action,
-        only the revealed ones are the network's (:meth:`apply_copy_gate`). Returns the velocity
+        :attr:`DynamicsConfig.copy_gate`; ``None`` when only the keys/values are wanted), or with
+        ``known [B, P, D]`` the sampler's known clean tokens and their mask: those cells are
+        ``previous``'s, only the others are the network's (:meth:`apply_copy_gate`). Returns the velocity
         tokens ``[B, P, D]`` and the frame's per-layer un-rotated keys/values ``[B, H, P, hd]``
         (for :meth:`append_to_cache`).
         """
@@ -596,6 +562,6 @@ class DynamicsTransformer(nn.Module):
         slot = torch.full((1,), num_context_frames, device=tokens.device)
         out, kvs = self._run(tokens[:, None], cond, self._rope(slot), context, None)
         prev = None if previous is None else previous[:, None]
-        moved_by = action[:, None] if moved else None
-        gated = self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev, moved_by)
+        mask = None if known is None else known[:, None]
+        gated = self.apply_copy_gate(out, tokens[:, None], sigma[:, None], cond, prev, mask)
         return gated[:, 0], kvs

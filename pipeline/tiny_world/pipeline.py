@@ -24,6 +24,10 @@ DEFAULT_MOVED_COPY = True
 """Sample frames as inpaintings of the moved previous frame
 (:attr:`~pipeline.tiny_world.transformer.TinyWorldTransformerConfig.moved_copy`; model card,
 "Moved copy")."""
+DEFAULT_MEMORY_CELLS = 32
+"""Side of the square of world cells a session remembers
+(:attr:`~pipeline.tiny_world.transformer.TinyWorldTransformerConfig.memory_cells`; model card,
+"World memory")."""
 DEFAULT_CONTEXT_NOISE = 0.05
 """Noise level a generated frame is written into the KV cache with."""
 
@@ -50,17 +54,22 @@ def make_config(
     num_steps: int = DEFAULT_STEPS,
     context_noise: float = DEFAULT_CONTEXT_NOISE,
     moved_copy: bool = DEFAULT_MOVED_COPY,
+    memory_cells: int | None = None,
     device: str = "auto",
     dtype: str = "float32",
 ) -> TinyWorldPipelineConfig:
-    """A tiny-world pipeline config for the given architecture (random init without weights)."""
+    """A tiny-world pipeline config for the given architecture (random init without weights).
+
+    ``memory_cells``: :data:`DEFAULT_MEMORY_CELLS` with the moved copy, else 0 (by default)."""
+    if memory_cells is None:
+        memory_cells = DEFAULT_MEMORY_CELLS if moved_copy else 0
     directory = None if weights_dir is None else str(weights_dir)
     return TinyWorldPipelineConfig(
         name="tiny-world",
         encoder=ActionEncoderConfig(),
         diffusion_model=DiffusionModelConfig(
             transformer=TinyWorldTransformerConfig(
-                arch=dynamics, weights_dir=directory, moved_copy=moved_copy
+                arch=dynamics, weights_dir=directory, moved_copy=moved_copy, memory_cells=memory_cells
             ),
             scheduler=FlowMatchEulerSchedulerConfig(num_steps=num_steps),
             context_noise=context_noise,

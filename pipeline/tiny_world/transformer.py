@@ -7,18 +7,19 @@ rollout sees its context at the same window slots: caches of sessions at differe
 stack into one batch.
 
 A copy-gate model (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.copy_gate`) blends each frame
-with the previous clean frame, and the moved copy (:attr:`TinyWorldTransformerConfig.moved_copy`)
-carries the cells that stay in view from it, so the cache also holds that frame (``last``).
-``generate``'s clean result is kept as ``pending``
+with the previous clean frame, so the cache also holds that frame (``last``). The moved copy
+(:attr:`TinyWorldTransformerConfig.moved_copy`) instead keeps the cells the rollout has seen in a
+:class:`~pipeline.tiny_world.memory.WorldMemory` (``memory``) and carries every cell of the next
+view it knows from there. Either way ``generate``'s clean result is kept as ``pending``
 (:meth:`TinyWorldTransformer.postprocess_clean_latent`) until ``finalize`` makes it the new
-``last``: the cache only moves on at ``finalize``, as the contract says.
+``last`` or writes it into ``memory``: the cache only moves on at ``finalize``, as the contract says.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from torch import Tensor
 from pipeline.errors import ConfigError, FinalizeError, InputError, PipelineError
 from pipeline.kv_cache import SlidingWindowKVCache
 from pipeline.tiny_world.env import Action
+from pipeline.tiny_world.memory import WorldMemory, camera_step_table
 from pipeline.tiny_world.nets import KV, DynamicsConfig, DynamicsTransformer
 from pipeline.tiny_world.weights import DYN_FILE, load_module
 from pipeline.transformer import Transformer, TransformerAutoregressiveCache, TransformerConfig
@@ -42,11 +44,14 @@ class TinyWorldCache(TransformerAutoregressiveCache):
     rotated_at: int = -1
     """``kv.frames_seen`` when ``rotated`` was computed."""
     last: Tensor | None = None
-    """Copy-gate models and the moved copy: tokens ``[B, P, D]`` of the latest clean frame (the
-    first frame at start)."""
+    """Copy-gate models sampled without the moved copy: tokens ``[B, P, D]`` of the latest clean
+    frame (the first frame at start)."""
+    memory: WorldMemory | None = None
+    """The moved copy: the latent cells each rollout has seen, by world cell."""
     pending: Tensor | None = None
-    """Where ``last`` is kept: clean tokens ``[1, P, D]`` of the rollout's step being generated, until
-    its ``finalize`` (kept on the rollout's own cache, also when it is generated in a batch)."""
+    """Where ``last`` or ``memory`` is kept: clean tokens ``[1, P, D]`` of the rollout's step being
+    generated, until its ``finalize`` (kept on the rollout's own cache, also when it is generated in
+    a batch)."""
     members: list[TinyWorldCache] = field(default_factory=list, repr=False)
     """A stacked cache's rollouts, in batch order."""
 
@@ -65,12 +70,18 @@ class TinyWorldTransformerConfig(TransformerConfig):
     compile: bool = False
     """``torch.compile`` the per-frame forward lazily on first use (fixed shapes per batch size)."""
     moved_copy: bool = False
-    """Sample each frame as an inpainting of the previous one: every cell that stayed in view is
-    the previous clean frame's, moved by the action's camera step (one latent cell), and the
-    network's velocity only makes the cells the move revealed (and, under ``none``, nothing). Each
-    cell is generated once, when it enters the view, then carried, so a view neither drifts while
-    held nor softens while it moves. Needs a camera step of whole latent cells
-    (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.moved_copy_cells`)."""
+    """Sample each frame as an inpainting of what the rollout has seen: every cell of the view that
+    stayed in view is the previous clean frame's, moved by the action's camera step (one latent
+    cell), and the network's velocity only makes the cells the move revealed (and, under ``none``,
+    nothing). Each cell is generated once, when it enters the view, then carried, so a view neither
+    drifts while held nor softens while it moves. Needs a camera step of whole latent cells
+    (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.camera_step_cells`)."""
+    memory_cells: int = 0
+    """With the moved copy: side, in latent cells, of the square of world cells a rollout remembers
+    (:class:`~pipeline.tiny_world.memory.WorldMemory`). Cells that left the view within it are
+    carried again when they come back into view, instead of being generated anew, so a view the
+    camera returns to is the one it left. ``0`` (or the view's side) remembers the previous view
+    only."""
 
 
 class TinyWorldTransformer(Transformer[TinyWorldCache]):
@@ -81,12 +92,21 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
 
     def __init__(self, config: TinyWorldTransformerConfig) -> None:
         super().__init__(config)
-        if config.moved_copy and config.arch.moved_copy_cells is None:
+        arch = config.arch
+        if config.moved_copy and arch.camera_step_cells is None:
             raise ConfigError(
                 "moved_copy needs the environment's 9 actions and a camera step of whole latent cells"
             )
-        self.net = DynamicsTransformer(config.arch)
-        self._keeps_previous = config.arch.copy_gate or config.moved_copy
+        if config.memory_cells and (not config.moved_copy or config.memory_cells < arch.latent_size):
+            raise ConfigError(
+                f"memory_cells={config.memory_cells} needs moved_copy and at least the view's "
+                f"{arch.latent_size} cells (0: the previous view only)"
+            )
+        self.net = DynamicsTransformer(arch)
+        self._keeps_previous = arch.copy_gate or config.moved_copy
+        self._memory_side = max(config.memory_cells, arch.latent_size)
+        self.camera_steps: Tensor
+        self.register_buffer("camera_steps", camera_step_table(arch.camera_step_cells or 0), persistent=False)
         if config.weights_dir is not None:
             load_module(self.net, Path(config.weights_dir) / DYN_FILE)
         self._forward_frame = self.net.forward_frame
@@ -97,8 +117,15 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         return self.net.inp.weight
 
     def _frame(
-        self, tokens: Tensor, sigma: Tensor, action: Tensor, cache: TinyWorldCache, previous: Tensor | None
+        self,
+        tokens: Tensor,
+        sigma: Tensor,
+        action: Tensor,
+        cache: TinyWorldCache,
+        copy: tuple[Tensor | None, Tensor | None] = (None, None),
     ) -> tuple[Tensor, list[KV]]:
+        """The dynamics net on one frame per rollout; ``copy``: ``(previous, known)`` of
+        :meth:`~pipeline.tiny_world.nets.DynamicsTransformer.forward_frame`."""
         if self.config.compile and not self._compiled:
             self._forward_frame = torch.compile(self.net.forward_frame, dynamic=False)
             self._compiled = True
@@ -110,12 +137,23 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         # with 0..window-1 cached frames, runs eager instead of compiling a graph per fill level.
         steady = cache.kv.num_frames == cache.kv.capacity_frames
         forward = self._forward_frame if steady else self.net.forward_frame
-        if previous is not None:
-            previous = previous.to(dtype)
-        moved = self.config.moved_copy and previous is not None
+        previous, known = (None if x is None else x.to(dtype) for x in copy)
         return forward(
-            tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames, previous, moved
+            tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames, previous, known
         )
+
+    def _copy(self, cache: TinyWorldCache, actions: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """What the next frame copies: the known cells of the view ``actions [B]`` move to and their
+        mask (tokens ``[B, P, D]``; the moved copy), the previous frame (a copy-gate model), or
+        nothing."""
+        if self.config.moved_copy:
+            memory = _required(cache.memory, "memory")
+            latents, known = memory.view(self.camera_steps[actions], self.config.arch.latent_size)
+            mask = known.expand(-1, latents.shape[1], -1, -1)
+            return self.net.patchify(latents), self.net.patchify(mask)
+        if self.config.arch.copy_gate:
+            return _required(cache.last, "last"), None
+        return None, None
 
     # ---- contract ------------------------------------------------------------------------
     def initialize_autoregressive_cache(self, **context: Any) -> TinyWorldCache:
@@ -139,11 +177,14 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             got = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
             raise InputError(f"first_latent must be a tensor of shape {shape}, got {got}")
         seed = int(context.get("seed") or 0)
-        first_tokens = self.net.patchify(first.to(device=device, dtype=dtype))
+        first = first.to(device=device, dtype=dtype)
+        first_tokens = self.net.patchify(first)
+        moved = self.config.moved_copy
         cache = TinyWorldCache(
             generator=torch.Generator(device=device).manual_seed(seed),
             kv=self.net.new_cache(1, device, dtype),
-            last=first_tokens if self._keeps_previous else None,
+            last=first_tokens if arch.copy_gate and not moved else None,
+            memory=WorldMemory.start(first, self._memory_side) if moved else None,
         )
         # The window is filled with copies of the first frame, as if the camera had stood still.
         k = arch.window
@@ -187,31 +228,46 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
     def predict_flow(
         self, noisy_latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any
     ) -> Tensor:
-        previous = None
-        if self._keeps_previous:
-            previous = _required(cache.last, "last")
-        velocity, _ = self._frame(noisy_latent, timestep, self._actions(input, noisy_latent), cache, previous)
+        actions = self._actions(input, noisy_latent)
+        velocity, _ = self._frame(noisy_latent, timestep, actions, cache, self._copy(cache, actions))
         return velocity.to(noisy_latent.dtype)
 
     def postprocess_clean_latent(self, clean_latent: Tensor, cache: TinyWorldCache, input: Any) -> Tensor:
-        """Where ``last`` is kept, each rollout holds its clean frame as ``pending``."""
+        """Where ``last`` or ``memory`` is kept, each rollout holds its clean frame as ``pending``.
+
+        With the moved copy, the known cells are set to their copies: the Euler steps land on them
+        only up to float rounding, and a carried cell is to be the same bits every frame."""
+        if self.config.moved_copy:
+            source, known = self._copy(cache, self._actions(input, clean_latent))
+            clean_latent = torch.where(
+                _required(known, "known") > 0, _required(source, "source"), clean_latent
+            )
         if self._keeps_previous:
             for i, rollout in enumerate(_rollouts(cache)):
                 rollout.pending = clean_latent[i : i + 1]
         return clean_latent
 
     def finalize_kv_cache(self, latent: Tensor, timestep: Tensor, cache: TinyWorldCache, input: Any) -> None:
-        _, kvs = self._frame(latent, timestep, self._actions(input, latent), cache, None)
+        actions = self._actions(input, latent)
+        _, kvs = self._frame(latent, timestep, actions, cache)
         cache.kv.append_frame(kvs)
         cache.rotated = None
-        if self._keeps_previous:
-            rollouts = _rollouts(cache)
-            frames = [r.pending for r in rollouts if r.pending is not None]
-            if len(frames) != len(rollouts):
-                raise FinalizeError("finalize of a copy-gate tiny-world step that was not generated")
-            cache.last = frames[0] if len(frames) == 1 else torch.cat(frames)
-            for r in rollouts:
-                r.pending = None
+        if not self._keeps_previous:
+            return
+        rollouts = _rollouts(cache)
+        frames = [r.pending for r in rollouts if r.pending is not None]
+        if len(frames) != len(rollouts):
+            raise FinalizeError(
+                "finalize of a copy-gate or moved-copy tiny-world step that was not generated"
+            )
+        clean = frames[0] if len(frames) == 1 else torch.cat(frames)
+        if cache.memory is not None:
+            steps = self.camera_steps[actions]
+            cache.memory = cache.memory.moved(self.net.unpatchify(clean).to(cache.memory.canvas.dtype), steps)
+        else:
+            cache.last = clean
+        for r in rollouts:
+            r.pending = None
 
     def _actions(self, input: Any, tokens: Tensor) -> Tensor:
         actions = self.patchify_input(input)
@@ -222,8 +278,11 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
     # ---- batch protocol ------------------------------------------------------------------
     def stack_caches(self, caches: list[TinyWorldCache]) -> TinyWorldCache:
         stacked = TinyWorldCache(kv=SlidingWindowKVCache.stack([c.kv for c in caches]))
-        if self._keeps_previous:
+        if self.config.moved_copy:
+            stacked.memory = WorldMemory.stack([_required(c.memory, "memory") for c in caches])
+        elif self._keeps_previous:
             stacked.last = torch.cat([_required(c.last, "last") for c in caches])
+        if self._keeps_previous:
             stacked.members = list(caches)
         return stacked
 
@@ -233,6 +292,11 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             c.rotated = None
             if batched.last is not None:
                 c.last = batched.last[i : i + 1]
+            if batched.memory is not None:
+                c.memory = batched.memory.rollout(i)
+
+
+_State = TypeVar("_State", Tensor, WorldMemory)
 
 
 def _rollouts(cache: TinyWorldCache) -> list[TinyWorldCache]:
@@ -240,7 +304,7 @@ def _rollouts(cache: TinyWorldCache) -> list[TinyWorldCache]:
     return cache.members or [cache]
 
 
-def _required(tensor: Tensor | None, name: str) -> Tensor:
-    if tensor is None:
-        raise PipelineError(f"copy-gate tiny-world cache without {name!r}")
-    return tensor
+def _required(state: _State | None, name: str) -> _State:
+    if state is None:
+        raise PipelineError(f"copy-gate or moved-copy tiny-world cache without {name!r}")
+    return state
