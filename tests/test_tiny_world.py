@@ -28,10 +28,10 @@ from pipeline.tiny_world.env import (
 )
 from pipeline.tiny_world.images import decode_start_image
 from pipeline.tiny_world.io import TinyWorldOptions
-from pipeline.tiny_world.memory import WorldMemory, camera_step_table
 from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig, DynamicsTransformer
 from pipeline.tiny_world.pipeline import TinyWorldPipeline, make_config
 from pipeline.tiny_world.weights import WEIGHTS_DIR, weights_available
+from pipeline.tiny_world.world_memory import WorldMemory, camera_step_table
 from protocol.png import encode_png
 
 TINY_DYN = DynamicsConfig(latent_channels=4, d_model=32, layers=2, heads=2, window=3)

@@ -193,7 +193,7 @@ class DynamicsConfig:
     @property
     def camera_step_cells(self) -> int | None:
         """Latent cells the camera moves per action, if every view's cells sit at whole world cells
-        (what the sampler's world memory needs: :mod:`pipeline.tiny_world.memory`): the
+        (what the sampler's world memory needs: :mod:`pipeline.tiny_world.world_memory`): the
         environment's actions and a camera step of whole cells. Else ``None``."""
         if self.num_actions != len(ACTION_DELTAS) or STEP_PX * self.latent_size % VIEW_PX:
             return None

@@ -15,11 +15,11 @@ from pipeline.tiny_world.nets import AutoencoderConfig, DynamicsConfig
 from pipeline.tiny_world.transformer import TinyWorldTransformerConfig
 from pipeline.tiny_world.weights import WEIGHTS_DIR, load_meta
 
-DEFAULT_STEPS = 4
+DEFAULT_STEPS = 3
 """Denoising steps per frame, chosen by measurement (model card, "Default number of steps"). On
-the shipped weights 4 steps give sharpness 0.58 of real, 2 steps 0.40 (short of the 0.5 floor).
-Both hold still (idle PSNR at frame 300: 49.0 / 48.0 dB) and follow 99.8 % of moves. 4 steps
-still run > 30 frames/s per session on 2 CPU cores; 2 steps are ~1.7× faster."""
+the shipped weights and sampler, sharpness is 0.69 / 0.65 / 0.54 of real at 4 / 3 / 2 steps; all
+follow 100 % of moves and hold still exactly. One session on 2 slow CPU cores ran 20-37 frames/s
+at 4 steps (under the 30 it needs), 40-44 at 3 and 53-55 at 2, measured in turn."""
 DEFAULT_MOVED_COPY = True
 """Sample frames as inpaintings of the moved previous frame
 (:attr:`~pipeline.tiny_world.transformer.TinyWorldTransformerConfig.moved_copy`; model card,
@@ -89,9 +89,10 @@ def tiny_world_config(weights_dir: str | Path | None = None) -> TinyWorldPipelin
     """The shipped tiny world model (weights from the package unless ``weights_dir`` is given).
 
     fp32 (bf16 is slower at batch 1 on CPU and makes batched and single-session rollouts drift
-    apart), 4 Euler steps, context noise 0.05, eager (``torch.compile`` is opt-in via
-    ``diffusion_model__transformer__compile=True`` and ``decoder__compile=True``: ~1.5× faster
-    after a ~10 s compile per batch size).
+    apart), the module's defaults (:data:`DEFAULT_STEPS` Euler steps, the moved copy with a world
+    memory of :data:`DEFAULT_MEMORY_CELLS` cells, :data:`DEFAULT_CONTEXT_NOISE`), eager
+    (``torch.compile`` is opt-in via ``diffusion_model__transformer__compile=True`` and
+    ``decoder__compile=True``: ~1.5× faster after a ~10 s compile per batch size).
     """
     directory = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta = load_meta(directory)

@@ -9,7 +9,7 @@ stack into one batch.
 A copy-gate model (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.copy_gate`) blends each frame
 with the previous clean frame, so the cache also holds that frame (``last``). The moved copy
 (:attr:`TinyWorldTransformerConfig.moved_copy`) instead keeps the cells the rollout has seen in a
-:class:`~pipeline.tiny_world.memory.WorldMemory` (``memory``) and carries every cell of the next
+:class:`~pipeline.tiny_world.world_memory.WorldMemory` (``memory``) and carries every cell of the next
 view it knows from there. Either way ``generate``'s clean result is kept as ``pending``
 (:meth:`TinyWorldTransformer.postprocess_clean_latent`) until ``finalize`` makes it the new
 ``last`` or writes it into ``memory``: the cache only moves on at ``finalize``, as the contract says.
@@ -27,9 +27,9 @@ from torch import Tensor
 from pipeline.errors import ConfigError, FinalizeError, InputError, PipelineError
 from pipeline.kv_cache import SlidingWindowKVCache
 from pipeline.tiny_world.env import Action
-from pipeline.tiny_world.memory import WorldMemory, camera_step_table
 from pipeline.tiny_world.nets import KV, DynamicsConfig, DynamicsTransformer
 from pipeline.tiny_world.weights import DYN_FILE, load_module
+from pipeline.tiny_world.world_memory import WorldMemory, camera_step_table
 from pipeline.transformer import Transformer, TransformerAutoregressiveCache, TransformerConfig
 
 
@@ -78,7 +78,7 @@ class TinyWorldTransformerConfig(TransformerConfig):
     (:attr:`~pipeline.tiny_world.nets.DynamicsConfig.camera_step_cells`)."""
     memory_cells: int = 0
     """With the moved copy: side, in latent cells, of the square of world cells a rollout remembers
-    (:class:`~pipeline.tiny_world.memory.WorldMemory`). Cells that left the view within it are
+    (:class:`~pipeline.tiny_world.world_memory.WorldMemory`). Cells that left the view within it are
     carried again when they come back into view, instead of being generated anew, so a view the
     camera returns to is the one it left. ``0`` (or the view's side) remembers the previous view
     only."""
