@@ -349,8 +349,10 @@ def test_world_memory_forgets_a_cell_written_over_a_ring_period_away() -> None:
 
 
 def test_memory_config_is_validated() -> None:
-    for moved, memory in ((False, 12), (True, 7)):
-        with pytest.raises(ConfigError, match="memory_cells"):
+    """A memory without the moved copy, or smaller than the view, is refused with what to set."""
+    cases = ((False, 12, "set moved_copy=True, or memory_cells=0"), (True, 7, "must hold the view's 8"))
+    for moved, memory, message in cases:
+        with pytest.raises(ConfigError, match=message):
             make_config(
                 dynamics=TINY_DYN, autoencoder=TINY_AE, moved_copy=moved, memory_cells=memory, device="cpu"
             ).setup()

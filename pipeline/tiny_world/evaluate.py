@@ -1,6 +1,7 @@
 """Evaluate a tiny-world model against its environment on held-out world seeds.
 
     python -m pipeline.tiny_world.evaluate [--weights DIR] [--steps N] [--json out.json]
+        [--moved-copy/--no-moved-copy] [--memory-cells N]
 
 Metrics (generated frames vs the environment's real frames for the same actions):
 
@@ -10,8 +11,9 @@ Metrics (generated frames vs the environment's real frames for the same actions)
 * **drift**: total-variation distance between biome histograms of generated and real frames over
   300-frame rollouts (per frame, early vs late), and the share of the dominant biome late in the
   rollout (1.0 would mean collapse to a single biome).
-* **revisit consistency**: move away ``n`` steps and back; PSNR of the returned view against the
-  view before leaving (both generated).
+* **revisit consistency**: move away ``n`` steps and back (``n`` = 2, 4 and 12: inside the KV
+  window, beyond it, beyond the view); PSNR of the returned view against the view before leaving
+  (both generated), and against the real one.
 * **idle stability**: held at ``none`` for 300 steps from held-out starts (the real world does not
   move at all): mean PSNR of generated frame ``n`` to generated frame 1 at ``n`` = 30, 100, 300,
   of frame 1 to the real start, and the sharpness of frame 300 relative to the real start (holding

@@ -97,10 +97,15 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             raise ConfigError(
                 "moved_copy needs the environment's 9 actions and a camera step of whole latent cells"
             )
-        if config.memory_cells and (not config.moved_copy or config.memory_cells < arch.latent_size):
+        if config.memory_cells and not config.moved_copy:
             raise ConfigError(
-                f"memory_cells={config.memory_cells} needs moved_copy and at least the view's "
-                f"{arch.latent_size} cells (0: the previous view only)"
+                f"memory_cells={config.memory_cells} is the moved copy's memory: set moved_copy=True, "
+                "or memory_cells=0 to sample without the moved copy"
+            )
+        if config.memory_cells and config.memory_cells < arch.latent_size:
+            raise ConfigError(
+                f"memory_cells={config.memory_cells} must hold the view's {arch.latent_size} cells "
+                "(or be 0: the previous view only)"
             )
         self.net = DynamicsTransformer(arch)
         self._keeps_previous = arch.copy_gate or config.moved_copy
@@ -142,15 +147,20 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
             tokens.to(dtype), sigma.float(), action, cache.rotated, cache.kv.num_frames, previous, known
         )
 
+    def _known_cells(self, cache: TinyWorldCache, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """The moved copy: the clean tokens ``[B, P, D]`` the memory knows of the view ``actions
+        [B]`` move to, and their mask (1.0 where known)."""
+        memory = _required(cache.memory, "memory")
+        latents, known = memory.view(self.camera_steps[actions], self.config.arch.latent_size)
+        mask = known.expand(-1, latents.shape[1], -1, -1)
+        return self.net.patchify(latents), self.net.patchify(mask)
+
     def _copy(self, cache: TinyWorldCache, actions: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """What the next frame copies: the known cells of the view ``actions [B]`` move to and their
-        mask (tokens ``[B, P, D]``; the moved copy), the previous frame (a copy-gate model), or
-        nothing."""
+        """What the next frame copies: ``(previous, known)`` of
+        :meth:`~pipeline.tiny_world.nets.DynamicsTransformer.forward_frame`: the moved copy's known
+        cells, the previous frame (a copy-gate model), or nothing."""
         if self.config.moved_copy:
-            memory = _required(cache.memory, "memory")
-            latents, known = memory.view(self.camera_steps[actions], self.config.arch.latent_size)
-            mask = known.expand(-1, latents.shape[1], -1, -1)
-            return self.net.patchify(latents), self.net.patchify(mask)
+            return self._known_cells(cache, actions)
         if self.config.arch.copy_gate:
             return _required(cache.last, "last"), None
         return None, None
@@ -238,10 +248,8 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         With the moved copy, the known cells are set to their copies: the Euler steps land on them
         only up to float rounding, and a carried cell is to be the same bits every frame."""
         if self.config.moved_copy:
-            source, known = self._copy(cache, self._actions(input, clean_latent))
-            clean_latent = torch.where(
-                _required(known, "known") > 0, _required(source, "source"), clean_latent
-            )
+            source, known = self._known_cells(cache, self._actions(input, clean_latent))
+            clean_latent = torch.where(known > 0, source.to(clean_latent.dtype), clean_latent)
         if self._keeps_previous:
             for i, rollout in enumerate(_rollouts(cache)):
                 rollout.pending = clean_latent[i : i + 1]
