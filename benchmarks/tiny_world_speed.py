@@ -54,9 +54,7 @@ class SpeedResult:
     """Wall time of the warm-up steps (includes compilation)."""
 
 
-def build(
-    dtype: str, compiled: bool, steps: int, device: str = "auto", moved_copy: bool = True
-) -> TinyWorldPipeline:
+def build(dtype: str, compiled: bool, steps: int, device: str, moved_copy: bool) -> TinyWorldPipeline:
     if weights_available(WEIGHTS_DIR):
         meta = load_meta(WEIGHTS_DIR)
         cfg = make_config(

@@ -21,7 +21,7 @@ the shipped weights and sampler, sharpness is 0.69 / 0.65 / 0.54 of real at 4 / 
 follow 100 % of moves and hold still exactly. One session on 2 slow CPU cores ran 20-37 frames/s
 at 4 steps (under the 30 it needs), 40-44 at 3 and 53-55 at 2, measured in turn."""
 DEFAULT_MOVED_COPY = True
-"""Sample frames as inpaintings of the moved previous frame
+"""Sample frames as inpaintings of what the session has seen
 (:attr:`~pipeline.tiny_world.transformer.TinyWorldTransformerConfig.moved_copy`; model card,
 "Moved copy")."""
 DEFAULT_MEMORY_CELLS = 32

@@ -48,12 +48,20 @@ class TinyWorldCache(TransformerAutoregressiveCache):
     frame (the first frame at start)."""
     memory: WorldMemory | None = None
     """The moved copy: the latent cells each rollout has seen, by world cell."""
+    known: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    """The moved copy: the known tokens and mask of the view being generated, read from ``memory``
+    by its first Euler step and shared by the others and its clean latent (until ``start`` or
+    ``finalize``)."""
     pending: Tensor | None = None
     """Where ``last`` or ``memory`` is kept: clean tokens ``[1, P, D]`` of the rollout's step being
     generated, until its ``finalize`` (kept on the rollout's own cache, also when it is generated in
     a batch)."""
     members: list[TinyWorldCache] = field(default_factory=list, repr=False)
     """A stacked cache's rollouts, in batch order."""
+
+    def start(self, autoregressive_index: int) -> None:
+        super().start(autoregressive_index)
+        self.known = None
 
 
 @dataclass(kw_only=True)
@@ -149,11 +157,13 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
 
     def _known_cells(self, cache: TinyWorldCache, actions: Tensor) -> tuple[Tensor, Tensor]:
         """The moved copy: the clean tokens ``[B, P, D]`` the memory knows of the view ``actions
-        [B]`` move to, and their mask (1.0 where known)."""
-        memory = _required(cache.memory, "memory")
-        latents, known = memory.view(self.camera_steps[actions], self.config.arch.latent_size)
-        mask = known.expand(-1, latents.shape[1], -1, -1)
-        return self.net.patchify(latents), self.net.patchify(mask)
+        [B]`` move to, and their mask (1.0 where known); read once per generated step."""
+        if cache.known is None:
+            memory = _required(cache.memory, "memory")
+            latents, known = memory.view(self.camera_steps[actions], self.config.arch.latent_size)
+            mask = known.expand(-1, latents.shape[1], -1, -1)
+            cache.known = self.net.patchify(latents), self.net.patchify(mask)
+        return cache.known
 
     def _copy(self, cache: TinyWorldCache, actions: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """What the next frame copies: ``(previous, known)`` of
@@ -272,6 +282,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         if cache.memory is not None:
             steps = self.camera_steps[actions]
             cache.memory = cache.memory.moved(self.net.unpatchify(clean).to(cache.memory.canvas.dtype), steps)
+            cache.known = None
         else:
             cache.last = clean
         for r in rollouts:
@@ -298,6 +309,7 @@ class TinyWorldTransformer(Transformer[TinyWorldCache]):
         batched.kv.copy_into([c.kv for c in caches])
         for i, c in enumerate(caches):
             c.rotated = None
+            c.known = None
             if batched.last is not None:
                 c.last = batched.last[i : i + 1]
             if batched.memory is not None:

@@ -1,7 +1,7 @@
 """What a tiny-world rollout has seen: the latent cells of its views, kept in world coordinates.
 
 The camera pans a whole number of latent cells per action (``cells``:
-:attr:`~pipeline.tiny_world.nets.DynamicsConfig.moved_copy_cells`), so every latent cell of every
+:attr:`~pipeline.tiny_world.nets.DynamicsConfig.camera_step_cells`), so every latent cell of every
 view sits at an integer world cell. :class:`WorldMemory` keeps the latest clean latent seen at each
 world cell of a ``side × side`` neighbourhood, as a ring (world cell ``(y, x)`` lives at ring cell
 ``(y mod side, x mod side)``) tagged with the world cell it holds, so a cell written over by one a
